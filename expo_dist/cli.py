@@ -1,0 +1,96 @@
+"""The `expo-dist` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import ExpoError
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with the same fields as the flags (flags override it)")
+    p.add_argument("--sft", help="the SFT model folder (the starting point of alignment)")
+    p.add_argument("--aligned", help="the aligned (DPO/RLHF) model folder trained from the SFT model")
+    p.add_argument("--alpha", type=str, help="extrapolation strength, e.g. 0.3 (the paper used 0.1-0.5)")
+    p.add_argument("--out", help="output folder (on a path every node sees)")
+    p.add_argument("--address", help="join a Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT "
+                                     "(default: start Ray on this machine)")
+    p.add_argument("--workers", type=int, help="at most this many worker actors (default: one per GPU, else per CPU)")
+    p.add_argument("--max-task-bytes", help="output bytes per task, e.g. 256MiB (default 256MiB)")
+    p.add_argument("--max-shard-size", help="output shard size, e.g. 5GB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace what is in --out (an unfinished merge of the same plan resumes without it)")
+    p.add_argument("--max-attempts", type=int, help="runs of one task before the merge fails (default 4)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _spec(args):
+    from .spec import build_spec
+
+    overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "workers",
+                                               "max_task_bytes", "max_shard_size", "overwrite", "max_attempts")}
+    return build_spec(args.config, overrides)
+
+
+def cmd_merge(args) -> int:
+    from .merge import run
+
+    spec = _spec(args)
+    manifest = run(spec, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"out": spec.out, "files": manifest["files"], "tasks": manifest["tasks"],
+                          "tasks_resumed": manifest["tasks_resumed"], "workers": manifest["workers"],
+                          "merge_seconds": manifest["merge_seconds"]}, indent=2))
+    else:
+        print(spec.out)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .merge import build_plan
+    from .report import plan_report
+
+    spec = _spec(args).validate(need_out=False)
+    plan, _, _ = build_plan(spec)
+    report = plan_report(plan, spec)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from .report import format_report
+
+        print(format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="expo-dist", description="Exact, distributed ExPO model extrapolation "
+                                     "(theta_aligned + alpha * (theta_aligned - theta_sft)) on Ray.")
+    parser.add_argument("--version", action="version", version=f"expo-dist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("merge", help="merge an SFT/aligned pair into an ExPO checkpoint")
+    _merge_args(p)
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("plan", help="show what merge would do, reading only headers")
+    _merge_args(p)
+    p.set_defaults(func=cmd_plan)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="expo-dist: %(message)s")
+    try:
+        return args.func(args)
+    except ExpoError as e:
+        print(f"expo-dist: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("expo-dist: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The output folder: preparing it, staging shards, and finishing it so that it is complete only at the end.
+
+Shards are written under OUT/.expo/ and moved into place after every one is sealed (fsynced and hashed);
+the manifest comes next and the weight index (or the single model.safetensors) last, so a folder that
+transformers can load is always a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from . import __version__
+from .errors import ExpoError
+from .plan import Plan
+
+WORK = ".expo"
+MANIFEST = "expo_manifest.json"
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+SKIP_FILES = {"README.md", ".gitattributes", INDEX, "pytorch_model.bin.index.json", MANIFEST}
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out: str, inputs: list[str]) -> None:
+    for src in inputs:
+        if src and os.path.isdir(src):
+            if _inside(out, src):
+                raise ExpoError(f"--out {out} is {'the same as' if os.path.realpath(out) == os.path.realpath(src) else 'inside'} "
+                                f"the input {src}; choose a folder outside the input models")
+            if _inside(src, out):
+                raise ExpoError(f"--out {out} contains the input {src}; choose another output folder")
+
+
+def work_dir(out: str) -> str:
+    return os.path.join(out, WORK)
+
+
+def clear_outputs(out: str) -> None:
+    """--overwrite: remove what a merge writes (weights, index, manifest, card, side files, work dir)."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name == WORK:
+            shutil.rmtree(path)
+        elif os.path.isfile(path) or os.path.islink(path):
+            os.unlink(path)
+
+
+def create_shards(plan: Plan, wdir: str, keep: set[str] = frozenset()) -> None:
+    """Pre-size each staged shard and write its header; workers fill in the data ranges."""
+    os.makedirs(wdir, exist_ok=True)
+    for shard in plan.shards:
+        path = os.path.join(wdir, shard.file)
+        if shard.file in keep and os.path.exists(path) and os.path.getsize(path) == shard.layout.size:
+            continue
+        with open(path, "wb") as f:
+            f.write(shard.layout.header)
+            f.truncate(shard.layout.size)
+
+
+def side_files(aligned_root: str) -> list[str]:
+    out = []
+    for name in sorted(os.listdir(aligned_root)):
+        path = os.path.join(aligned_root, name)
+        if not os.path.isfile(path) or name in SKIP_FILES or name.startswith("."):
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        out.append(name)
+    return out
+
+
+def model_card(spec_info: dict) -> str:
+    sft, aligned, alpha = spec_info["sft"], spec_info["aligned"], spec_info["alpha"]
+    return f"""---
+base_model:
+- {aligned}
+- {sft}
+tags:
+- expo
+- merge
+- expo_dist
+library_name: transformers
+---
+# ExPO extrapolation of {os.path.basename(str(aligned).rstrip('/'))}
+
+This model was made with [expo_dist](https://pypi.org/project/expo_dist/) {__version__} by weak-to-strong
+extrapolation (ExPO; Zheng et al., 2024, "Weak-to-Strong Extrapolation Expedites Alignment"):
+
+    theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft)
+
+- aligned model: `{aligned}`
+- SFT model: `{sft}`
+- alpha: {alpha}
+
+Every floating-point tensor was computed in float64 and rounded once to its output dtype. Tensors that
+are not floating point were copied from the aligned model. The config, generation config and tokenizer
+files come from the aligned model. `{MANIFEST}` lists the inputs, the settings and the sha256 of every
+weight file.
+"""
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str, dict]) -> dict:
+    """Copy side files, write card and manifest, move shards into place, write the index last."""
+    wdir = work_dir(out)
+    for name in side_files(aligned_root):
+        shutil.copyfile(os.path.join(aligned_root, name), os.path.join(out, name))
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(info))
+    manifest = {
+        "tool": "expo_dist",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "formula": "theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft), float64, rounded once",
+        **info,
+        "total_size": plan.total_size,
+        "files": {s.file: sealed[s.file] for s in plan.shards},
+        "tensors": {k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "alpha": d.alpha}
+                    for k, d in plan.decisions.items()},
+        "warnings": plan.warnings,
+    }
+    _atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    sharded = len(plan.shards) > 1
+    for shard in plan.shards:
+        if sharded:
+            os.replace(os.path.join(wdir, shard.file), os.path.join(out, shard.file))
+    if sharded:
+        _fsync_dir(out)
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map().items()))}
+        _atomic_write(os.path.join(out, INDEX), (json.dumps(index, indent=2) + "\n").encode())
+    else:
+        os.replace(os.path.join(wdir, plan.shards[0].file), os.path.join(out, plan.shards[0].file))
+    _fsync_dir(out)
+    shutil.rmtree(wdir, ignore_errors=True)
+    return manifest

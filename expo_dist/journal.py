@@ -1,0 +1,97 @@
+"""The resume journal in OUT/.expo/: the plan's fingerprint and one line per finished task.
+
+A rerun trusts a journal line only after re-reading the task's byte range and matching its CRC-32,
+so a line written before a power loss whose data never reached the disk is simply redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+from .plan import Plan
+
+CHUNK = 16 << 20
+
+
+class Journal:
+    def __init__(self, wdir: str):
+        self.wdir = wdir
+        self.plan_path = os.path.join(wdir, "plan.json")
+        self.path = os.path.join(wdir, "journal.jsonl")
+        self.fd: int | None = None
+
+    def exists(self) -> bool:
+        return os.path.exists(self.plan_path)
+
+    def fingerprint(self) -> str | None:
+        try:
+            with open(self.plan_path, encoding="utf-8") as f:
+                return json.load(f).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def start(self, fingerprint: str) -> None:
+        os.makedirs(self.wdir, exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        tmp = self.plan_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"fingerprint": fingerprint}, f)
+        os.replace(tmp, self.plan_path)
+
+    def entries(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        out[int(rec["task"])] = int(rec["crc32"])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line torn by a crash
+        except FileNotFoundError:
+            pass
+        return out
+
+    def verified_done(self, plan: Plan) -> set[int]:
+        done = set()
+        recorded = self.entries()
+        for task in plan.tasks:
+            crc = recorded.get(task.id)
+            if crc is not None and _crc_of(os.path.join(self.wdir, task.file), task.begin, task.end) == crc:
+                done.add(task.id)
+        return done
+
+    def record(self, task, result) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = json.dumps({"task": task.id, "file": task.file, "begin": task.begin, "end": task.end,
+                           "crc32": result.crc32}) + "\n"
+        os.write(self.fd, line.encode())
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _crc_of(path: str, begin: int, end: int) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size < end:
+            return None
+        crc, pos = 0, begin
+        while pos < end:
+            data = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not data:
+                return None
+            crc = zlib.crc32(data, crc)
+            pos += len(data)
+        return crc
+    finally:
+        os.close(fd)

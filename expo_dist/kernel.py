@@ -1,0 +1,80 @@
+"""Exact ExPO arithmetic: out = round(a + alpha * (a - s)), computed in float64 and rounded once.
+
+torch's float64 -> bfloat16/float16 conversion goes through float32 and so rounds twice. We round once:
+float64 -> float32 with round-to-odd (exact when the float32 result is exact, otherwise the odd neighbour
+toward the true value), then float32 -> bf16/f16 with round-to-nearest-even. Round-to-odd onto a format
+with at least two more significand bits than the target makes the second rounding equal a single one.
+The same torch ops run on CPU and CUDA (plain separate ops, no fused multiply-add), so both give the same bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE = 1 << 18  # elements per tile: the float64 work set stays in cache
+
+
+class Kernel:
+    """Preallocated tiles on one device; extrapolate() works through any length tile by tile."""
+
+    def __init__(self, device: str | torch.device = "cpu", tile: int = TILE):
+        self.device = torch.device(device)
+        self.tile = tile
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.x = torch.empty(tile, **f64)
+        self.y = torch.empty(tile, **f64)
+        self.f32 = torch.empty(tile, dtype=torch.float32, device=self.device)
+        self.i32 = torch.empty(tile, dtype=torch.int32, device=self.device)
+        self.m1 = torch.empty(tile, dtype=torch.bool, device=self.device)
+        self.m2 = torch.empty(tile, dtype=torch.bool, device=self.device)
+
+    def extrapolate(self, a: torch.Tensor, s: torch.Tensor, alpha: float, out: torch.Tensor) -> None:
+        """out[:] = round_once(a + alpha * (a - s)); a, s, out 1-D on this device, any float dtypes."""
+        n = out.numel()
+        for lo in range(0, n, self.tile):
+            hi = min(n, lo + self.tile)
+            k = hi - lo
+            x, y = self.x[:k], self.y[:k]
+            x.copy_(a[lo:hi])
+            y.copy_(s[lo:hi])
+            torch.sub(x, y, out=y)  # a - s
+            y.mul_(alpha)  # alpha * (a - s)
+            y.add_(x)  # a + alpha * (a - s)   (x + y == y + x exactly)
+            self.round_into(y, out[lo:hi], scratch=x)
+
+    def round_into(self, r: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
+        """out = r (float64) rounded once to out.dtype. Destroys scratch (same size as r, float64)."""
+        if out.dtype == torch.float64:
+            out.copy_(r)
+            return
+        if out.dtype == torch.float32:
+            out.copy_(r)
+            return
+        k = r.numel()
+        f, bits, m1, m2 = self.f32[:k], self.i32[:k], self.m1[:k], self.m2[:k]
+        f.copy_(r)  # nearest-even float32
+        scratch.copy_(f)
+        # inexact and even -> move to the odd neighbour on the side of the true value
+        torch.ne(scratch, r, out=m1)
+        fb = f.view(torch.int32)
+        torch.bitwise_and(fb, 1, out=bits)
+        torch.logical_and(m1, bits == 0, out=m1)
+        torch.logical_and(m1, r == r, out=m1)  # leave NaN alone
+        if bool(m1.any()):
+            # magnitude grows (+1 on the bit pattern) when |float32| < |r|
+            torch.lt(scratch.abs_(), r.abs(), out=m2)
+            bits.copy_(m2)
+            bits.mul_(2).sub_(1).mul_(m1)
+            fb.add_(bits)
+        out.copy_(f)  # nearest-even to bf16 / f16
+
+
+def round_f64_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a float64 tensor once to dtype (reference helper for tests and verify)."""
+    x = x.reshape(-1).to(torch.float64)
+    out = torch.empty(x.numel(), dtype=dtype, device=x.device)
+    k = Kernel(x.device, tile=max(1, min(TILE, x.numel())))
+    for lo in range(0, x.numel(), k.tile):
+        hi = min(x.numel(), lo + k.tile)
+        k.round_into(x[lo:hi].clone(), out[lo:hi], scratch=k.x[: hi - lo])
+    return out

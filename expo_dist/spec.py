@@ -1,0 +1,89 @@
+"""MergeSpec: the validated description of one merge, from CLI flags and/or a YAML config."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+import yaml
+
+from .errors import ExpoError
+from .plan import parse_size
+
+DEFAULT_TASK_BYTES = 256 << 20
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class MergeSpec:
+    sft: str
+    aligned: str
+    alpha: float
+    out: str | None = None
+    address: str | None = None
+    workers: int | None = None
+    max_task_bytes: int = DEFAULT_TASK_BYTES
+    max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
+    overwrite: bool = False
+    max_attempts: int = 4
+
+    def validate(self, need_out: bool = True) -> "MergeSpec":
+        for key in ("sft", "aligned"):
+            if not getattr(self, key):
+                raise ExpoError(f"missing --{key} (a model folder)")
+        if need_out and not self.out:
+            raise ExpoError("missing --out (the output folder)")
+        try:
+            alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            raise ExpoError(f"--alpha must be a number, got {self.alpha!r}") from None
+        if not math.isfinite(alpha):
+            raise ExpoError(f"--alpha must be a finite number, got {self.alpha!r}")
+        self.alpha = alpha
+        self.max_task_bytes = parse_size(self.max_task_bytes)
+        self.max_shard_size = parse_size(self.max_shard_size)
+        if self.max_task_bytes < 1 << 20:
+            raise ExpoError("--max-task-bytes must be at least 1MiB")
+        if self.max_shard_size <= 0:
+            raise ExpoError("--max-shard-size must be positive")
+        if self.workers is not None and int(self.workers) < 1:
+            raise ExpoError("--workers must be at least 1")
+        if self.out:
+            self.out = os.path.abspath(os.path.expanduser(self.out))
+        for key in ("sft", "aligned"):
+            val = os.path.expanduser(getattr(self, key))
+            if os.path.exists(val):
+                setattr(self, key, os.path.abspath(val))
+        return self
+
+
+def load_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ExpoError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ExpoError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ExpoError(f"{path}: a config must be a YAML mapping of merge options")
+    known = {f.name for f in fields(MergeSpec)} | {"description", "notes"}
+    cfg = {}
+    for key, val in doc.items():
+        k = str(key).replace("-", "_")
+        if k not in known:
+            raise ExpoError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        cfg[k] = val
+    cfg.pop("description", None)
+    cfg.pop("notes", None)
+    return cfg
+
+
+def build_spec(config: str | None, overrides: dict) -> MergeSpec:
+    values = load_config(config) if config else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("sft", "aligned", "alpha") if values.get(k) is None]
+    if missing:
+        raise ExpoError("missing " + ", ".join("--" + m for m in missing) + " (on the command line or in --config)")
+    return MergeSpec(**values)
