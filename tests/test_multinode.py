@@ -1,0 +1,58 @@
+"""Merges on a real 3-node Ray cluster (ray.cluster_utils.Cluster on this machine)."""
+
+import os
+
+import pytest
+
+from expo_dist.merge import run
+from expo_dist.spec import MergeSpec
+from expo_dist.synth import make_pair
+from reference import assert_exact
+
+ALPHA = 0.4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="ERROR")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"), hidden_size=256, intermediate_size=768, num_layers=4,
+                     num_heads=8, num_kv_heads=4, vocab_size=2048, sft_shard_bytes=3_000_000,
+                     aligned_shard_bytes=2_000_000, seed=5)
+
+
+def merge(pair, out, **kw):
+    return run(MergeSpec(sft=str(pair[0]), aligned=str(pair[1]), alpha=ALPHA, out=str(out), **kw), progress=False)
+
+
+def files(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".index.json")))
+
+
+def test_three_nodes_byte_identical_to_one_worker(cluster, pair, tmp_path):
+    one = tmp_path / "one"
+    m1 = merge(pair, one, workers=1, max_shard_size="2MB")
+    assert len({w["node_id"] for w in m1["workers"]}) == 1
+    many = tmp_path / "many"
+    m3 = merge(pair, many, max_shard_size="2MB", max_task_bytes="1MiB")
+    nodes = {w["node_id"] for w in m3["workers"] if w["tasks"] > 0}
+    assert len(nodes) == 3, m3["workers"]
+    assert files(one) == files(many) and len(files(one)) >= 4
+    for f in files(one):
+        assert (one / f).read_bytes() == (many / f).read_bytes(), f
+    assert_exact(str(many), str(pair[0]), str(pair[1]), ALPHA, tie=False)
