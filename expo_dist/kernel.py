@@ -9,9 +9,26 @@ The same torch ops run on CPU and CUDA (plain separate ops, no fused multiply-ad
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 TILE = 1 << 18  # elements per tile: the float64 work set stays in cache
+
+try:  # the C kernel (built at install when a compiler is there); same bytes as the torch ops, ~10x faster
+    from . import _ckernel
+except ImportError:  # pragma: no cover - depends on the install
+    _ckernel = None
+
+_CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def c_kernel_available() -> bool:
+    return _ckernel is not None and os.environ.get("EXPO_KERNEL", "") != "torch"
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 class Kernel:
@@ -28,8 +45,14 @@ class Kernel:
         self.m1 = torch.empty(tile, dtype=torch.bool, device=self.device)
         self.m2 = torch.empty(tile, dtype=torch.bool, device=self.device)
 
-    def extrapolate(self, a: torch.Tensor, s: torch.Tensor, alpha: float, out: torch.Tensor) -> None:
-        """out[:] = round_once(a + alpha * (a - s)); a, s, out 1-D on this device, any float dtypes."""
+    def extrapolate(self, a: torch.Tensor, s: torch.Tensor, alpha: float, out: torch.Tensor) -> int:
+        """out[:] = round_once(a + alpha * (a - s)); a, s, out 1-D on this device, any float dtypes.
+
+        NaN results are written as the canonical quiet NaN of out's dtype. Returns how many outputs are
+        not finite."""
+        if self.device.type == "cpu" and c_kernel_available():
+            return _ckernel.extrapolate(_raw(a), _CODES[a.dtype], _raw(s), _CODES[s.dtype], _raw(out),
+                                        _CODES[out.dtype], float(alpha))
         n = out.numel()
         for lo in range(0, n, self.tile):
             hi = min(n, lo + self.tile)
@@ -41,6 +64,11 @@ class Kernel:
             y.mul_(alpha)  # alpha * (a - s)
             y.add_(x)  # a + alpha * (a - s)   (x + y == y + x exactly)
             self.round_into(y, out[lo:hi], scratch=x)
+        bad = ~torch.isfinite(out)
+        nonfinite = int(bad.sum())
+        if nonfinite:  # one canonical NaN, whatever sign or payload the arithmetic produced
+            out.masked_fill_(torch.isnan(out), float("nan"))
+        return nonfinite
 
     def round_into(self, r: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
         """out = r (float64) rounded once to out.dtype. Destroys scratch (same size as r, float64)."""

@@ -121,9 +121,14 @@ class Layout:
     size: int
 
 
+# safetensors sorts by its Dtype enum, descending, then by name; item sizes never grow along this order
+_ST_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
+             "I8", "U8", "BOOL")
+
+
 def alignment_order(items: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:
     """The order safetensors itself writes: larger dtype first (keeps every tensor aligned), then name."""
-    return sorted(items, key=lambda t: (-itemsize(t[1]), t[0]))
+    return sorted(items, key=lambda t: (_ST_ORDER.index(t[1]), t[0]))
 
 
 def layout(items: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> Layout:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 
 import ray
+
+# Test-only: EXPO_TEST_TASK_DELAY=seconds makes each task sleep after writing its bytes and before reporting
+# back, so the fault tests (tests/test_faults.py, tests/test_resume.py) can kill a worker, a node or the
+# driver mid-merge. Never set it in production; unset or 0 means no delay.
+TEST_DELAY_ENV = "EXPO_TEST_TASK_DELAY"
 
 
 @ray.remote(max_restarts=3, max_task_retries=0)
@@ -23,6 +29,7 @@ class MergeWorker:
         self.out_dir = out_dir
         self.tasks_done = 0
         self.bytes_done = 0
+        self.test_delay = float(os.environ.get(TEST_DELAY_ENV) or 0)  # test-only, see TEST_DELAY_ENV
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
@@ -30,6 +37,8 @@ class MergeWorker:
 
     def run(self, task):
         res = self.runner.run(task)
+        if self.test_delay:  # test-only: keep each task running a while so tests can kill things mid-merge
+            time.sleep(self.test_delay)
         self.tasks_done += 1
         self.bytes_done += res.nbytes
         return res
