@@ -1,8 +1,9 @@
 """Run one task: read the input byte ranges, compute, write the output byte range. No Ray here.
 
-Memory is fixed by the chunk size, whatever the size of the model or of the task: inputs are read
-with positional reads into preallocated buffers, output bytes gather in one buffer and are written
-with large positional writes.
+A task's output range is cut into windows of CHUNK_BYTES. Three stages overlap: a reader thread fills the
+input slots of window w+1 with positional reads while the calling thread computes window w and a writer
+thread writes window w-1 (positional writes, CRC-32, early writeback). Memory is two slots of fixed size,
+whatever the size of the model or of the task.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import errno
 import os
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -18,9 +20,17 @@ import torch
 from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
 from .kernel import Kernel
-from .plan import COPY, Segment, Task
+from .plan import COPY, EXTRAPOLATE, Task
 
-CHUNK_BYTES = 16 << 20  # output bytes per chunk
+CHUNK_BYTES = 16 << 20  # output bytes per window
+SLOTS = 2  # windows in flight per stage
+WRITEBACK_LAG = 4  # windows: wait for the writeback of the range written this many windows ago
+
+try:
+    from ._ckernel import start_writeback
+except ImportError:  # pragma: no cover - no C extension: leave writeback to the OS
+    start_writeback = None
+WRITEBACK = os.environ.get("EXPO_WRITEBACK", "throttle")  # throttle | async | off
 
 
 @dataclass
@@ -30,6 +40,49 @@ class TaskResult:
     crc32: int
     differs: list[str] = field(default_factory=list)  # non-float tensors whose SFT bytes differ
     nonfinite_out: int = 0
+    nonfinite_in: int = 0
+
+
+@dataclass
+class Piece:
+    """A run of one segment's elements inside one window, and where its bytes sit in the slot buffers."""
+
+    seg: object
+    first: int  # element index within the segment
+    count: int
+    out_at: int  # byte offset in the window's output buffer
+    a_at: int  # byte offset in the slot's aligned-input buffer
+    s_at: int  # byte offset in the slot's SFT-input buffer (-1: no SFT bytes)
+
+
+@dataclass
+class Window:
+    pos: int  # absolute output offset
+    nbytes: int
+    pieces: list[Piece]
+    a_bytes: int
+    s_bytes: int
+
+
+def windows(task: Task, chunk: int) -> list[Window]:
+    out: list[Window] = []
+    cur: Window | None = None
+    for seg in task.segments:
+        osz, asz, ssz = itemsize(seg.out_dtype), itemsize(seg.a_dtype), itemsize(seg.s_dtype)
+        done = 0
+        while done < seg.count:
+            if cur is None or cur.nbytes + osz > chunk:
+                cur = Window(cur.pos + cur.nbytes if cur else task.begin, 0, [], 0, 0)
+                out.append(cur)
+            k = min(seg.count - done, (chunk - cur.nbytes) // osz)
+            has_s = seg.s_file is not None
+            cur.pieces.append(Piece(seg, done, k, cur.nbytes, cur.a_bytes, cur.s_bytes if has_s else -1))
+            cur.nbytes += k * osz
+            cur.a_bytes += k * asz
+            if has_s:
+                cur.s_bytes += k * ssz
+            done += k
+    return out
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
@@ -55,101 +108,150 @@ def _pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:
         raise
 
 
+class Slot:
+    def __init__(self, chunk: int, pin: bool):
+        self.pin = pin
+        self.a = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+        self.s = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+        self.o = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+
+    def fit(self, win: Window) -> None:
+        """Inputs can be wider than the output (float32 SFT into bf16): grow the input buffers if needed."""
+        if win.a_bytes > self.a.numel():
+            self.a = torch.empty(win.a_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        if win.s_bytes > self.s.numel():
+            self.s = torch.empty(win.s_bytes, dtype=torch.uint8, pin_memory=self.pin)
+
+
 class Runner:
     def __init__(self, out_dir: str, device: str = "cpu", chunk_bytes: int = CHUNK_BYTES, max_fds: int = 64):
         self.out_dir = out_dir
         self.device = torch.device(device)
         self.kernel = Kernel(self.device)
         self.chunk = chunk_bytes
-        # host buffers: raw input bytes (up to float64 sources: 4x a bf16 output chunk) and output bytes
-        self.buf_a = torch.empty(chunk_bytes * 4, dtype=torch.uint8, pin_memory=self._pin())
-        self.buf_s = torch.empty(chunk_bytes * 4, dtype=torch.uint8, pin_memory=self._pin())
-        self.buf_o = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=self._pin())
-        self.fds: OrderedDict[str, int] = OrderedDict()
+        pin = self.device.type == "cuda"
+        self.slots = [Slot(chunk_bytes, pin) for _ in range(SLOTS)]
         self.max_fds = max_fds
-
-    def _pin(self) -> bool:
-        return self.device.type == "cuda"
+        self.rfds: OrderedDict[str, int] = OrderedDict()  # used by the reader thread only
+        self.wfds: OrderedDict[str, int] = OrderedDict()  # used by the writer thread only
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="expo-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="expo-write")
+        self.written: list[tuple[int, int, int]] = []
 
     def _fd(self, path: str, write: bool = False) -> int:
-        key = ("w:" if write else "r:") + path
-        fd = self.fds.pop(key, None)
+        fds = self.wfds if write else self.rfds
+        fd = fds.pop(path, None)
         if fd is None:
             try:
                 fd = os.open(path, os.O_WRONLY if write else os.O_RDONLY)
             except OSError as e:
                 raise MergeFailed(f"{path}: cannot open ({e.strerror})") from None
-            if len(self.fds) >= self.max_fds:
-                os.close(self.fds.popitem(last=False)[1])
-        self.fds[key] = fd
+            if not write and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if len(fds) >= self.max_fds:
+                old = fds.popitem(last=False)[1]
+                self.written = [w for w in self.written if w[0] != old]
+                os.close(old)
+        fds[path] = fd
         return fd
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self.reader.shutdown()
+        self.writer.shutdown()
+        for fds in (self.rfds, self.wfds):
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
 
     def run(self, task: Task) -> TaskResult:
-        out_path = os.path.join(self.out_dir, task.file)
-        ofd = self._fd(out_path, write=True)
         res = TaskResult(task.id, task.nbytes, 0)
-        crc = 0
-        pos = task.begin  # file offset of buf_o[0]
-        fill = 0
-        for seg in task.segments:
-            assert seg.out_offset == pos + fill, "segments of a task are contiguous"
-            osz = itemsize(seg.out_dtype)
-            per = max(1, min(self.chunk // osz, (len(self.buf_a) // itemsize(seg.a_dtype)),
-                             len(self.buf_s) // itemsize(seg.s_dtype)))
-            done = 0
-            while done < seg.count:
-                room = (self.chunk - fill) // osz
-                if room == 0:
-                    crc = self._flush(ofd, out_path, pos, fill, crc)
-                    pos, fill = pos + fill, 0
-                    continue
-                k = min(per, seg.count - done, room)
-                self._compute(seg, done, k, fill, res)
-                fill += k * osz
-                done += k
-        crc = self._flush(ofd, out_path, pos, fill, crc)
-        assert pos + fill == task.end
-        res.crc32 = crc
+        out_path = os.path.join(self.out_dir, task.file)
+        wins = windows(task, self.chunk)
+        reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % SLOTS]) for w in range(min(SLOTS, len(wins)))}
+        writes = {}
+        crc = [0]
+        try:
+            for w, win in enumerate(wins):
+                slot = self.slots[w % SLOTS]
+                reads.pop(w).result()
+                if w - SLOTS in writes:
+                    writes.pop(w - SLOTS).result()  # slot's output buffer is free again
+                self._compute(win, slot, res)
+                if w + SLOTS < len(wins):
+                    reads[w + SLOTS] = self.reader.submit(self._read, wins[w + SLOTS], self.slots[(w + SLOTS) % SLOTS])
+                writes[w] = self.writer.submit(self._write, out_path, win, slot, crc)
+            for f in writes.values():
+                f.result()
+        finally:  # never leave a thread writing into a slot the next task will use
+            for f in list(reads.values()) + list(writes.values()):
+                f.exception()
+        assert sum(w.nbytes for w in wins) == task.nbytes
+        res.crc32 = crc[0]
         return res
 
-    def _flush(self, ofd: int, path: str, pos: int, fill: int, crc: int) -> int:
-        if fill:
-            view = memoryview(self.buf_o.numpy())[:fill]
-            _pwrite_all(ofd, view, pos, path)
-            crc = zlib.crc32(view, crc)
-        return crc
+    def _read(self, win: Window, slot: Slot) -> None:
+        slot.fit(win)
+        a_view, s_view = memoryview(slot.a.numpy()), memoryview(slot.s.numpy())
+        ops: list[list] = []  # coalesced reads: [path, file offset, view, start, end]
+        for p in win.pieces:
+            seg = p.seg
+            wants = [(seg.a_file, seg.a_offset + p.first * itemsize(seg.a_dtype), a_view, p.a_at,
+                      p.count * itemsize(seg.a_dtype))]
+            if p.s_at >= 0:
+                wants.append((seg.s_file, seg.s_offset + p.first * itemsize(seg.s_dtype), s_view, p.s_at,
+                              p.count * itemsize(seg.s_dtype)))
+            for path, off, view, at, n in wants:
+                prev = next((o for o in reversed(ops) if o[2] is view), None)
+                if prev and prev[0] == path and prev[1] + (prev[4] - prev[3]) == off and prev[4] == at:
+                    prev[4] += n
+                else:
+                    ops.append([path, off, view, at, at + n])
+        for path, off, view, start, end in ops:
+            _pread_into(self._fd(path), view[start:end], off, path)
 
-    def _read(self, buf: torch.Tensor, path: str, offset: int, nbytes: int) -> torch.Tensor:
-        view = memoryview(buf.numpy())[:nbytes]
-        _pread_into(self._fd(path), view, offset, path)
-        return buf[:nbytes]
-
-    def _compute(self, seg: Segment, first: int, k: int, at: int, res: TaskResult) -> None:
-        asz, ssz, osz = itemsize(seg.a_dtype), itemsize(seg.s_dtype), itemsize(seg.out_dtype)
-        a_raw = self._read(self.buf_a, seg.a_file, seg.a_offset + first * asz, k * asz)
-        out_raw = self.buf_o[at: at + k * osz]
-        if seg.op == COPY:
-            out_raw.copy_(a_raw)
-            if seg.s_file is not None:
-                s_raw = self._read(self.buf_s, seg.s_file, seg.s_offset + first * ssz, k * ssz)
-                if not torch.equal(s_raw, a_raw) and seg.tensor not in res.differs:
-                    res.differs.append(seg.tensor)
-            return
-        s_raw = self._read(self.buf_s, seg.s_file, seg.s_offset + first * ssz, k * ssz)
+    def _compute(self, win: Window, slot: Slot, res: TaskResult) -> None:
         dev = self.device
-        a = a_raw.to(dev, non_blocking=True).view(torch_dtype(seg.a_dtype))
-        s = s_raw.to(dev, non_blocking=True).view(torch_dtype(seg.s_dtype))
-        if dev.type == "cpu":
-            out = out_raw.view(torch_dtype(seg.out_dtype))
-            self.kernel.extrapolate(a, s, seg.alpha, out)
-        else:
-            out = torch.empty(k, dtype=torch_dtype(seg.out_dtype), device=dev)
-            self.kernel.extrapolate(a, s, seg.alpha, out)
-            out_raw.copy_(out.view(torch.uint8))
-        if not bool(torch.isfinite(out).all()):
-            res.nonfinite_out += int((~torch.isfinite(out)).sum())
+        for p in win.pieces:
+            seg = p.seg
+            asz, ssz, osz = itemsize(seg.a_dtype), itemsize(seg.s_dtype), itemsize(seg.out_dtype)
+            a_raw = slot.a[p.a_at: p.a_at + p.count * asz]
+            out_raw = slot.o[p.out_at: p.out_at + p.count * osz]
+            if seg.op == COPY:
+                out_raw.copy_(a_raw)
+                if p.s_at >= 0 and seg.tensor not in res.differs:
+                    if not torch.equal(slot.s[p.s_at: p.s_at + p.count * ssz], a_raw):
+                        res.differs.append(seg.tensor)
+                continue
+            assert seg.op == EXTRAPOLATE
+            s_raw = slot.s[p.s_at: p.s_at + p.count * ssz]
+            a = a_raw.to(dev, non_blocking=True).view(torch_dtype(seg.a_dtype))
+            s = s_raw.to(dev, non_blocking=True).view(torch_dtype(seg.s_dtype))
+            if dev.type == "cpu":
+                out = out_raw.view(torch_dtype(seg.out_dtype))
+                res.nonfinite_out += self.kernel.extrapolate(a, s, seg.alpha, out)
+            else:
+                out = torch.empty(p.count, dtype=torch_dtype(seg.out_dtype), device=dev)
+                res.nonfinite_out += self.kernel.extrapolate(a, s, seg.alpha, out)
+                out_raw.copy_(out.view(torch.uint8))
+            res.nonfinite_in += self.kernel.count_nonfinite(a) + self.kernel.count_nonfinite(s)
+
+    def _write(self, path: str, win: Window, slot: Slot, crc: list) -> None:
+        fd = self._fd(path, write=True)
+        view = memoryview(slot.o.numpy())[: win.nbytes]
+        _pwrite_all(fd, view, win.pos, path)
+        crc[0] = zlib.crc32(view, crc[0])
+        self._writeback(fd, win.pos, win.nbytes)
+
+    def _writeback(self, fd: int, pos: int, n: int) -> None:
+        """Keep the disk writing from the first window on, and bound this worker's dirty pages."""
+        if start_writeback is None or WRITEBACK == "off":
+            return
+        start_writeback(fd, pos, n, False)
+        if WRITEBACK == "throttle":
+            self.written.append((fd, pos, n))
+            if len(self.written) > WRITEBACK_LAG:
+                old = self.written.pop(0)
+                try:
+                    start_writeback(old[0], old[1], old[2], True)
+                except OSError:  # the fd was closed meanwhile: nothing to wait for
+                    pass

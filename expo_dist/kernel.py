@@ -70,6 +70,11 @@ class Kernel:
             out.masked_fill_(torch.isnan(out), float("nan"))
         return nonfinite
 
+    def count_nonfinite(self, t: torch.Tensor) -> int:
+        if t.device.type == "cpu" and c_kernel_available():
+            return _ckernel.count_nonfinite(_raw(t), _CODES[t.dtype])
+        return int((~torch.isfinite(t)).sum())
+
     def round_into(self, r: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
         """out = r (float64) rounded once to out.dtype. Destroys scratch (same size as r, float64)."""
         if out.dtype == torch.float64:

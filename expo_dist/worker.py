@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import socket
 import time
 
 import ray
 
-# Test-only: EXPO_TEST_TASK_DELAY=seconds makes each task sleep after writing its bytes and before reporting
-# back, so the fault tests (tests/test_faults.py, tests/test_resume.py) can kill a worker, a node or the
-# driver mid-merge. Never set it in production; unset or 0 means no delay.
+from .hashing import FileHasher
+
+# Test-only fault injection for tests/test_faults.py and tests/test_resume.py; never set in production.
+# EXPO_TEST_TASK_DELAY=seconds: each task sleeps after writing its bytes and before reporting back, so a test
+#   can kill a worker, a node or the driver mid-merge.
+# EXPO_TEST_FAULTS=path of a JSON file, re-read before every task (a test changes it between merges that share
+#   one Ray): {"delay": seconds, "crash": [task ids whose worker process exits at once, before writing]}.
 TEST_DELAY_ENV = "EXPO_TEST_TASK_DELAY"
+TEST_FAULTS_ENV = "EXPO_TEST_FAULTS"
+
+
+def _test_faults(task_id: int, default_delay: float) -> float:
+    """Test-only (see above): crash this process if told to; return the delay for this task."""
+    path = os.environ.get(TEST_FAULTS_ENV)
+    if not path:
+        return default_delay
+    try:
+        with open(path, encoding="utf-8") as f:
+            faults = json.load(f)
+    except (OSError, ValueError):
+        return default_delay
+    if task_id in faults.get("crash", ()):
+        os._exit(17)
+    return float(faults.get("delay", default_delay))
 
 
 @ray.remote(max_restarts=3, max_task_retries=0)
@@ -27,38 +47,40 @@ class MergeWorker:
             device = f"cuda:{torch.cuda.current_device()}"
         self.runner = Runner(out_dir, device)
         self.out_dir = out_dir
+        self.hashers: dict[str, FileHasher] = {}
         self.tasks_done = 0
         self.bytes_done = 0
         self.test_delay = float(os.environ.get(TEST_DELAY_ENV) or 0)  # test-only, see TEST_DELAY_ENV
+        self.test_faults = bool(os.environ.get(TEST_FAULTS_ENV))  # test-only, see TEST_FAULTS_ENV
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
                 "pid": os.getpid(), "device": str(self.runner.device)}
 
     def run(self, task):
+        delay = _test_faults(task.id, self.test_delay) if self.test_faults else self.test_delay  # test-only
         res = self.runner.run(task)
-        if self.test_delay:  # test-only: keep each task running a while so tests can kill things mid-merge
-            time.sleep(self.test_delay)
+        if delay:  # test-only: keep each task running a while so tests can kill things mid-merge
+            time.sleep(delay)
         self.tasks_done += 1
         self.bytes_done += res.nbytes
         return res
 
+    def hash_advance(self, fname: str, upto: int) -> None:
+        """The first `upto` bytes of fname are final: hash them in the background."""
+        h = self.hashers.get(fname)
+        if h is None:
+            h = self.hashers[fname] = FileHasher(os.path.join(self.out_dir, fname))
+        h.advance(upto)
+
     def seal(self, fname: str) -> dict:
-        """fsync one output file and return its sha256 (the file is hot in this node's page cache)."""
+        """fsync one output file and return its sha256 (most of it already hashed along the way)."""
         path = os.path.join(self.out_dir, fname)
-        h = hashlib.sha256()
         fd = os.open(path, os.O_RDWR)
         try:
             os.fsync(fd)
-            buf = bytearray(16 << 20)
-            view = memoryview(buf)
-            off = 0
-            while True:
-                n = os.preadv(fd, [view], off)
-                if n == 0:
-                    break
-                h.update(view[:n])
-                off += n
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        return {"file": fname, "sha256": h.hexdigest(), "size": off}
+        h = self.hashers.pop(fname, None) or FileHasher(path)
+        return {"file": fname, "sha256": h.finish(size), "size": size}

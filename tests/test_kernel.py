@@ -96,7 +96,6 @@ def next_up_mag(bits: list[int], dtype) -> list[int]:
 
 
 def midpoints(dtype, rng, n, subnormal=False) -> torch.Tensor:
-    p, _, emax = FORMATS[dtype]
     bits = representable(dtype, rng, n, subnormal)
     lo, hi = from_bits(bits, dtype), from_bits(next_up_mag(bits, dtype), dtype)
     ok = torch.isfinite(hi)
@@ -246,13 +245,24 @@ def test_round_float64_is_identity():
     assert_same(round_f64_to(x, torch.float64), x, "float64")
 
 
-def test_round_accepts_any_shape_and_long_input():
-    # longer than the default tile would not be fast; a 2-D input and several tile lengths suffice
+def test_round_accepts_2d_input():
     x = value_set(torch.bfloat16, 0)
     want = expected(torch.bfloat16, 0)
     got = round_f64_to(x.reshape(1, -1), torch.bfloat16)
     assert got.shape == (x.numel(),)
     assert_same(got, want, "2-D input")
+
+
+def test_round_longer_than_one_tile_float16_matches_numpy():
+    from expo_dist.kernel import TILE
+
+    base = value_set(torch.float16, 0)
+    reps = (TILE + 12345) // base.numel() + 1
+    x = base.repeat(reps)[: TILE + 12345]
+    x = x * torch.pow(2.0, torch.randint(-2, 3, (x.numel(),), generator=torch.Generator().manual_seed(0)))
+    with np.errstate(over="ignore"):
+        want = torch.from_numpy(x.numpy().astype(np.float16).astype(np.float64))
+    assert_same(round_f64_to(x, torch.float16), want, "past one tile")
 
 
 # ---- extrapolate ----
@@ -297,6 +307,37 @@ def python_reference(a: torch.Tensor, s: torch.Tensor, alpha: float, dtype, idx)
     return torch.tensor(out, dtype=torch.float64)
 
 
+@pytest.fixture(params=["c", "torch"])
+def impl(request, monkeypatch):
+    """Run each extrapolate() test on both implementations: the C extension and the torch ops."""
+    from expo_dist import kernel
+
+    if request.param == "c":
+        if kernel._ckernel is None:
+            pytest.skip("C kernel not built in this install")
+        monkeypatch.delenv("EXPO_KERNEL", raising=False)
+        assert kernel.c_kernel_available()
+    else:
+        monkeypatch.setenv("EXPO_KERNEL", "torch")
+        assert not kernel.c_kernel_available()
+    return request.param
+
+
+def n_nonfinite(want64: torch.Tensor) -> int:
+    return int((~torch.isfinite(want64)).sum())
+
+
+CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+
+
+def assert_canonical_nans(out: torch.Tensor):
+    if out.dtype not in CANONICAL_NAN:
+        return
+    bits = out.view(BITS_VIEW[out.dtype]).to(torch.int64) & ((1 << (8 * out.element_size())) - 1)
+    nan = torch.isnan(out.to(torch.float64))
+    assert (bits[nan] == CANONICAL_NAN[out.dtype]).all(), [hex(b) for b in bits[nan].unique().tolist()]
+
+
 CASES = [
     # a dtype, s dtype, n, tile, alpha
     (torch.bfloat16, torch.bfloat16, 2503, 1000, 0.3),
@@ -308,22 +349,25 @@ CASES = [
     (torch.bfloat16, torch.float32, 2999, 1000, 0.3),  # mixed: SFT in float32, aligned in bf16
     (torch.float16, torch.float32, 1999, 1000, 0.1),
     (torch.float32, torch.bfloat16, 1500, 1000, 0.5),
+    (torch.bfloat16, torch.float64, 1200, 1000, 0.3),
 ]
 
 
 @pytest.mark.parametrize("a_dtype,s_dtype,n,tile,alpha", CASES,
                          ids=[f"{str(c[0])[6:]}-{str(c[1])[6:]}-n{c[2]}-tile{c[3]}" for c in CASES])
-def test_extrapolate_exact(a_dtype, s_dtype, n, tile, alpha):
+def test_extrapolate_exact(impl, a_dtype, s_dtype, n, tile, alpha):
     a, s = make_inputs(n, a_dtype, s_dtype, seed=n)
     out_dtype = a_dtype
     out = torch.full((n,), math.nan, dtype=out_dtype)  # every element must be written
     k = Kernel("cpu", tile=tile) if tile else Kernel("cpu")
-    k.extrapolate(a, s, alpha, out)
+    bad = k.extrapolate(a, s, alpha, out)
 
     a64, s64 = a.to(torch.float64), s.to(torch.float64)
     r64 = a64 + (a64 - s64) * alpha
     # all elements: the once-rounded float64 result
-    assert_same(out, round_f64_to(r64, out_dtype).to(torch.float64), "extrapolate vs round_f64_to")
+    all_want = round_f64_to(r64, out_dtype).to(torch.float64)
+    assert_same(out, all_want, "extrapolate vs round_f64_to")
+    assert bad == n_nonfinite(all_want)
     # a sample (incl. both ends and the tile boundaries) against the independent reference
     rng = random.Random(n)
     idx = sorted(set(rng.sample(range(n), min(n, 600)) + [0, n - 1] +
@@ -332,15 +376,32 @@ def test_extrapolate_exact(a_dtype, s_dtype, n, tile, alpha):
     assert_same(out[idx], want, "extrapolate vs Fraction reference")
 
 
-def test_extrapolate_mixed_crafted_double_rounding_cases():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
+def test_extrapolate_rounding_edge_cases(impl, dtype):
+    """alpha = 0 with float64 inputs: out is a rounded once, so the whole value set (midpoints, +- tiny,
+    subnormals, overflow, zeros, NaN, inf) goes through the kernel's own rounding."""
+    x = value_set(dtype, 0)
+    s = torch.zeros_like(x)
+    want = expected(dtype, 0).clone()
+    want[torch.isinf(x)] = math.nan  # inf + 0 * (inf - 0) = inf + NaN = NaN
+    idx = list(range(0, x.numel(), 97)) + torch.nonzero(~torch.isfinite(x)).flatten().tolist()
+    assert_same(want[idx], python_reference(x, s, 0.0, dtype, idx), "the shortcut above")
+    out = torch.empty(x.numel(), dtype=dtype)
+    bad = Kernel("cpu", tile=4096).extrapolate(x, s, 0.0, out)
+    assert_same(out, want, f"edge cases {dtype}")
+    assert bad == n_nonfinite(want) > 0
+    assert_canonical_nans(out)
+
+
+def test_extrapolate_mixed_crafted_double_rounding_cases(impl):
     a, s = crafted_pairs()
     a2, s2 = make_inputs(1000, torch.bfloat16, torch.float32, seed=11)
     a, s = torch.cat([a2[:400], a, a2[400:]]), torch.cat([s2[:400], s, s2[400:]])
     n = a.numel()
+    want = python_reference(a, s, 0.5, torch.bfloat16, range(n))
     for tile in (1000, 7, None):
         out = torch.empty(n, dtype=torch.bfloat16)
         (Kernel("cpu", tile=tile) if tile else Kernel("cpu")).extrapolate(a, s, 0.5, out)
-        want = python_reference(a, s, 0.5, torch.bfloat16, range(n))
         assert_same(out, want, f"crafted, tile {tile}")
     # the crafted elements really defeat float64 -> float32 -> bf16
     a64, s64 = a.double(), s.double()
@@ -349,28 +410,50 @@ def test_extrapolate_mixed_crafted_double_rounding_cases():
     assert int((naive != want).sum()) >= 120  # m = 0, eps > 0: 60 exponents x 2 signs
 
 
-def test_extrapolate_alpha_zero_returns_aligned_and_nonfinite_follow_ieee():
+def test_extrapolate_bf16_crafted_double_rounding_cases(impl):
+    """All-bf16 inputs (the common case, and the C kernel's vectorized path): with s one bf16 ulp below a
+    and alpha = 1/2 + 2^-20, a + alpha (a - s) lies 2^-20 ulp beyond the midpoint above a."""
+    rng = random.Random(12)
+    bits = [b for b in representable(torch.bfloat16, rng, 3000) if 0 < (b & 0x7F80) < 0x7F00]  # normal, not top
+    a = from_bits(bits, torch.bfloat16)
+    exp = torch.frexp(a).exponent.to(torch.float64)  # a = m 2^e with 0.5 <= |m| < 1
+    ulp = torch.pow(2.0, exp - 8)
+    s64 = a - torch.sign(a) * ulp
+    a_bf, s_bf = a.to(torch.bfloat16), s64.to(torch.bfloat16)
+    assert torch.equal(s_bf.double(), s64)  # exactly representable
+    alpha = 0.5 + 2.0 ** -20
+    want = python_reference(a_bf, s_bf, alpha, torch.bfloat16, range(a.numel()))
+    out = torch.empty(a.numel(), dtype=torch.bfloat16)
+    Kernel("cpu", tile=1000).extrapolate(a_bf, s_bf, alpha, out)
+    assert_same(out, want, "bf16 crafted")
+    naive = (a + alpha * (a - s64)).to(torch.float32).to(torch.bfloat16).double()
+    assert int((naive != want).sum()) > a.numel() // 4  # the even-mantissa half of them
+
+
+def test_extrapolate_alpha_zero_returns_aligned_and_nonfinite_follow_ieee(impl):
     a = torch.tensor([1.5, -2.25, 0.0, -0.0, 7.0], dtype=torch.bfloat16)
     s = torch.tensor([1.0, -2.0, 1.0, 0.0, 3.0], dtype=torch.bfloat16)
     out = torch.empty(5, dtype=torch.bfloat16)
-    Kernel("cpu", tile=3).extrapolate(a, s, 0.0, out)
+    assert Kernel("cpu", tile=3).extrapolate(a, s, 0.0, out) == 0
     got = out.double()
     assert got[[0, 1, 2, 4]].tolist() == [1.5, -2.25, 0.0, 7.0]
     assert got[3] == 0 and torch.signbit(got[3])  # -0 + 0*(-0 - 0) = -0 + (-0) = -0
 
-    a = torch.tensor([math.inf, math.nan, 3.0, -math.inf, 1.0, 3e38], dtype=torch.float32)
-    s = torch.tensor([1.0, 1.0, math.inf, -math.inf, math.nan, -3e38], dtype=torch.float32)
-    for dtype in (torch.bfloat16, torch.float32):
-        out = torch.empty(6, dtype=dtype)
-        Kernel("cpu", tile=4).extrapolate(a.to(dtype), s, 0.5, out)
+    a = torch.tensor([math.inf, math.nan, 3.0, -math.inf, 1.0, 3e38, -math.nan], dtype=torch.float32)
+    s = torch.tensor([1.0, 1.0, math.inf, -math.inf, math.nan, -3e38, 0.0], dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = torch.empty(7, dtype=dtype)
+        bad = Kernel("cpu", tile=4).extrapolate(a.to(dtype), s, 0.5, out)
         got = out.double()
         # inf + 0.5 inf = inf; NaN stays NaN; 3 + 0.5 (3 - inf) = -inf; -inf + 0.5 (-inf + inf) = NaN;
-        # 1 + 0.5 NaN = NaN; 3e38 + 0.5 * 6e38 = 6e38 overflows float32 / bf16 to inf
+        # 1 + 0.5 NaN = NaN; 3e38 + 0.5 * 6e38 = 6e38 overflows float32 / bf16 to inf; -NaN -> NaN
         assert got[0] == math.inf and torch.isnan(got[1]) and got[2] == -math.inf
-        assert torch.isnan(got[3]) and torch.isnan(got[4]) and got[5] == math.inf
+        assert torch.isnan(got[3]) and torch.isnan(got[4]) and got[5] == math.inf and torch.isnan(got[6])
+        assert bad == 7
+        assert_canonical_nans(out)
 
 
-def test_extrapolate_writes_only_out_and_leaves_inputs():
+def test_extrapolate_writes_only_out_and_leaves_inputs(impl):
     a, s = make_inputs(2100, torch.bfloat16, torch.bfloat16, seed=2)
     a0, s0 = a.clone(), s.clone()
     out = torch.empty(2100, dtype=torch.bfloat16)
@@ -382,3 +465,20 @@ def test_extrapolate_writes_only_out_and_leaves_inputs():
     Kernel("cpu", tile=1000).extrapolate(a, s, 0.3, big[500:2600])
     assert torch.equal(big[500:2600].view(torch.int16), out.view(torch.int16))
     assert (big[:500] == 0).all() and (big[2600:] == 0).all()
+
+
+def test_c_and_torch_kernels_write_identical_bytes(monkeypatch):
+    from expo_dist import kernel
+
+    if kernel._ckernel is None:
+        pytest.skip("C kernel not built in this install")
+    for a_dt, s_dt in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                       (torch.float32, torch.bfloat16)):
+        a, s = make_inputs(50_000, a_dt, s_dt, seed=21)
+        outs = []
+        for mode in ("", "torch"):
+            monkeypatch.setenv("EXPO_KERNEL", mode)
+            out = torch.empty(a.numel(), dtype=a_dt)
+            Kernel("cpu", tile=4096).extrapolate(a, s, 0.3, out)
+            outs.append(out.view(BITS_VIEW[a_dt]).clone())
+        assert torch.equal(outs[0], outs[1])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save, save_file
 
+from expo_dist.dtypes import DTYPES, itemsize
 from expo_dist.errors import ExpoError
 from expo_dist.stfile import alignment_order, layout, read_header
 
@@ -94,9 +94,25 @@ def test_layout_header_padded_to_8_and_offsets_contiguous():
         assert lay.tensors["b"].begin == len(lay.header) and lay.tensors["w" * (extra + 1)].end == lay.size
 
 
-def test_alignment_order_is_itemsize_then_name():
-    items = [("b", "BF16", (2,)), ("a", "U8", (1,)), ("z", "F32", (1,)), ("c", "F64", (1,)), ("a2", "BF16", (1,))]
-    assert [n for n, _, _ in alignment_order(items)] == ["c", "z", "a2", "b", "a"]
+TORCH_OF = {"F64": torch.float64, "I64": torch.int64, "U64": torch.uint64, "F32": torch.float32,
+            "I32": torch.int32, "U32": torch.uint32, "BF16": torch.bfloat16, "F16": torch.float16,
+            "I16": torch.int16, "U16": torch.uint16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def test_alignment_order_is_the_order_safetensors_writes():
+    # every dtype we know, two names each, in a scrambled order; safetensors decides the reference order
+    assert set(TORCH_OF) == set(DTYPES)
+    names = {f"{k}_{dt}": dt for dt in TORCH_OF for k in ("b", "a")}
+    tensors = {n: torch.zeros(2, dtype=TORCH_OF[dt]) for n, dt in sorted(names.items(), reverse=True)}
+    raw = save(tensors)
+    doc = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    doc.pop("__metadata__", None)
+    theirs = [k for k, _ in sorted(doc.items(), key=lambda kv: kv[1]["data_offsets"])]
+    ours = [n for n, _, _ in alignment_order([(n, dt, (2,)) for n, dt in names.items()])]
+    assert ours == theirs
+    sizes = [itemsize(names[n]) for n in ours]
+    assert sizes == sorted(sizes, reverse=True)  # larger items first: every tensor stays aligned
 
 
 def test_layout_custom_metadata():
