@@ -37,10 +37,14 @@ WRITEBACK = os.environ.get("EXPO_WRITEBACK", "throttle")  # throttle | async | o
 class TaskResult:
     task: int
     nbytes: int
-    crc32: int
+    crc32s: list[int]  # CRC-32 of the bytes written to each output
     differs: list[str] = field(default_factory=list)  # non-float tensors whose SFT bytes differ
     nonfinite_out: int = 0
     nonfinite_in: int = 0
+
+    @property
+    def crc32(self) -> int:
+        return self.crc32s[0]
 
 
 @dataclass
@@ -109,11 +113,11 @@ def _pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:
 
 
 class Slot:
-    def __init__(self, chunk: int, pin: bool):
+    def __init__(self, chunk: int, pin: bool, n_out: int):
         self.pin = pin
         self.a = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
         self.s = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
-        self.o = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+        self.o = [torch.empty(chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(n_out)]
 
     def fit(self, win: Window) -> None:
         """Inputs can be wider than the output (float32 SFT into bf16): grow the input buffers if needed."""
@@ -124,13 +128,16 @@ class Slot:
 
 
 class Runner:
-    def __init__(self, out_dir: str, device: str = "cpu", chunk_bytes: int = CHUNK_BYTES, max_fds: int = 64):
-        self.out_dir = out_dir
+    """Runs tasks into one output folder, or into several (one per alpha of a sweep, same layout)."""
+
+    def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
+                 max_fds: int = 64):
+        self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.device = torch.device(device)
         self.kernel = Kernel(self.device)
-        self.chunk = chunk_bytes
+        self.chunk = max(8, chunk_bytes)
         pin = self.device.type == "cuda"
-        self.slots = [Slot(chunk_bytes, pin) for _ in range(SLOTS)]
+        self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(SLOTS)]
         self.max_fds = max_fds
         self.rfds: OrderedDict[str, int] = OrderedDict()  # used by the reader thread only
         self.wfds: OrderedDict[str, int] = OrderedDict()  # used by the writer thread only
@@ -164,12 +171,13 @@ class Runner:
             fds.clear()
 
     def run(self, task: Task) -> TaskResult:
-        res = TaskResult(task.id, task.nbytes, 0)
-        out_path = os.path.join(self.out_dir, task.file)
+        k_out = len(self.out_dirs)
+        res = TaskResult(task.id, task.nbytes, [0] * k_out)
+        out_paths = [os.path.join(d, task.file) for d in self.out_dirs]
         wins = windows(task, self.chunk)
         reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % SLOTS]) for w in range(min(SLOTS, len(wins)))}
         writes = {}
-        crc = [0]
+        crc = res.crc32s
         try:
             for w, win in enumerate(wins):
                 slot = self.slots[w % SLOTS]
@@ -179,14 +187,13 @@ class Runner:
                 self._compute(win, slot, res)
                 if w + SLOTS < len(wins):
                     reads[w + SLOTS] = self.reader.submit(self._read, wins[w + SLOTS], self.slots[(w + SLOTS) % SLOTS])
-                writes[w] = self.writer.submit(self._write, out_path, win, slot, crc)
+                writes[w] = self.writer.submit(self._write, out_paths, win, slot, crc)
             for f in writes.values():
                 f.result()
         finally:  # never leave a thread writing into a slot the next task will use
             for f in list(reads.values()) + list(writes.values()):
                 f.exception()
         assert sum(w.nbytes for w in wins) == task.nbytes
-        res.crc32 = crc[0]
         return res
 
     def _read(self, win: Window, slot: Slot) -> None:
@@ -215,32 +222,35 @@ class Runner:
             seg = p.seg
             asz, ssz, osz = itemsize(seg.a_dtype), itemsize(seg.s_dtype), itemsize(seg.out_dtype)
             a_raw = slot.a[p.a_at: p.a_at + p.count * asz]
-            out_raw = slot.o[p.out_at: p.out_at + p.count * osz]
+            outs_raw = [o[p.out_at: p.out_at + p.count * osz] for o in slot.o]
             if seg.op == COPY:
-                out_raw.copy_(a_raw)
+                for out_raw in outs_raw:
+                    out_raw.copy_(a_raw)
                 if p.s_at >= 0 and seg.tensor not in res.differs:
                     if not torch.equal(slot.s[p.s_at: p.s_at + p.count * ssz], a_raw):
                         res.differs.append(seg.tensor)
                 continue
-            assert seg.op == EXTRAPOLATE
+            assert seg.op == EXTRAPOLATE and len(seg.alphas) == len(outs_raw)
             s_raw = slot.s[p.s_at: p.s_at + p.count * ssz]
             a = a_raw.to(dev, non_blocking=True).view(torch_dtype(seg.a_dtype))
             s = s_raw.to(dev, non_blocking=True).view(torch_dtype(seg.s_dtype))
-            if dev.type == "cpu":
-                out = out_raw.view(torch_dtype(seg.out_dtype))
-                res.nonfinite_out += self.kernel.extrapolate(a, s, seg.alpha, out)
-            else:
-                out = torch.empty(p.count, dtype=torch_dtype(seg.out_dtype), device=dev)
-                res.nonfinite_out += self.kernel.extrapolate(a, s, seg.alpha, out)
-                out_raw.copy_(out.view(torch.uint8))
+            for alpha, out_raw in zip(seg.alphas, outs_raw):
+                if dev.type == "cpu":
+                    out = out_raw.view(torch_dtype(seg.out_dtype))
+                    res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, out)
+                else:
+                    out = torch.empty(p.count, dtype=torch_dtype(seg.out_dtype), device=dev)
+                    res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, out)
+                    out_raw.copy_(out.view(torch.uint8))
             res.nonfinite_in += self.kernel.count_nonfinite(a) + self.kernel.count_nonfinite(s)
 
-    def _write(self, path: str, win: Window, slot: Slot, crc: list) -> None:
-        fd = self._fd(path, write=True)
-        view = memoryview(slot.o.numpy())[: win.nbytes]
-        _pwrite_all(fd, view, win.pos, path)
-        crc[0] = zlib.crc32(view, crc[0])
-        self._writeback(fd, win.pos, win.nbytes)
+    def _write(self, paths: list[str], win: Window, slot: Slot, crc: list[int]) -> None:
+        for k, path in enumerate(paths):
+            fd = self._fd(path, write=True)
+            view = memoryview(slot.o[k].numpy())[: win.nbytes]
+            _pwrite_all(fd, view, win.pos, path)
+            crc[k] = zlib.crc32(view, crc[k])
+            self._writeback(fd, win.pos, win.nbytes)
 
     def _writeback(self, fd: int, pos: int, n: int) -> None:
         """Keep the disk writing from the first window on, and bound this worker's dirty pages."""

@@ -47,7 +47,11 @@ class Segment:
     s_file: str | None  # for COPY: the SFT bytes to compare against (None: nothing to compare)
     s_offset: int
     s_dtype: str
-    alpha: float
+    alphas: tuple[float, ...]  # one per output (several with an alpha sweep)
+
+    @property
+    def alpha(self) -> float:
+        return self.alphas[0] if self.alphas else 0.0
 
     @property
     def out_bytes(self) -> int:
@@ -100,8 +104,12 @@ class TensorDecision:
     op: str  # "extrapolate" | "copy" | "vocab-extended" | "dropped-tied"
     shape: tuple[int, ...]
     dtype: str
-    alpha: float | None
+    alphas: tuple[float, ...] | None
     note: str = ""
+
+    @property
+    def alpha(self) -> float | None:
+        return self.alphas[0] if self.alphas else None
 
 
 @dataclass
@@ -110,6 +118,11 @@ class Plan:
     tasks: list[Task]
     decisions: dict[str, TensorDecision]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_out(self) -> int:
+        """Outputs written from one read of the inputs (several with an alpha sweep)."""
+        return max((len(d.alphas) for d in self.decisions.values() if d.alphas), default=1)
 
     @property
     def total_size(self) -> int:
@@ -159,8 +172,13 @@ def check_configs(sft_cfg: dict, aligned_cfg: dict) -> bool:
     return tie_a
 
 
+def _alphas(alpha_for: Callable, name: str) -> tuple[float, ...]:
+    a = alpha_for(name)
+    return tuple(float(x) for x in a) if isinstance(a, (tuple, list)) else (float(a),)
+
+
 def match(sft: dict[str, Source], aligned: dict[str, Source], tie: bool,
-          alpha_for: Callable[[str], float]) -> tuple[dict[str, TensorDecision], list[str]]:
+          alpha_for: Callable[[str], float | tuple[float, ...]]) -> tuple[dict[str, TensorDecision], list[str]]:
     decisions: dict[str, TensorDecision] = {}
     warnings: list[str] = []
     problems: list[str] = []
@@ -183,12 +201,12 @@ def match(sft: dict[str, Source], aligned: dict[str, Source], tie: bool,
             decisions[name] = TensorDecision(name, COPY, a.shape, a.dtype, None, "not floating point: aligned copied")
             continue
         if a.shape == s.shape:
-            decisions[name] = TensorDecision(name, EXTRAPOLATE, a.shape, a.dtype, alpha_for(name))
+            decisions[name] = TensorDecision(name, EXTRAPOLATE, a.shape, a.dtype, _alphas(alpha_for, name))
         elif (len(a.shape) == len(s.shape) >= 1 and a.shape[1:] == s.shape[1:] and a.shape[0] > s.shape[0]
               and VOCAB_NAME.search(name)):
             extra = a.shape[0] - s.shape[0]
             decisions[name] = TensorDecision(
-                name, "vocab-extended", a.shape, a.dtype, alpha_for(name),
+                name, "vocab-extended", a.shape, a.dtype, _alphas(alpha_for, name),
                 f"{s.shape[0]} shared rows extrapolated, {extra} rows added by alignment copied")
             warnings.append(f"{name}: aligned model has {extra} more vocabulary rows; they are copied unchanged")
         else:
@@ -239,7 +257,7 @@ def _segments(lo: int, hi: int, shard: Shard, decisions, sft, aligned) -> list[S
                 op, name, entry.begin + x0 * size, x1 - x0, entry.dtype,
                 a.file, a.begin + x0 * itemsize(a.dtype), a.dtype,
                 s.file if with_sft else None, s.begin + x0 * itemsize(s.dtype) if with_sft else 0,
-                s.dtype, float(d.alpha) if d.alpha is not None else 0.0))
+                s.dtype, d.alphas if d.alphas is not None else ()))
     return segs
 
 
