@@ -56,7 +56,7 @@ def short_cmd(cmdline: list[str]) -> str:
         return ""
     head = cmdline[0].strip()
     if head.startswith("ray::"):
-        return head.split()[0]
+        return head.split()[0].split(".")[0]  # ray::MergeWorker.run -> ray::MergeWorker
     base = os.path.basename(head)
     if base.startswith("python"):
         args = [a for a in cmdline[1:] if not a.startswith("-")]
@@ -153,10 +153,14 @@ class TreeSampler:
             if info is None:
                 role, name, cmd = self._role(p)
                 info = self.procs[pid] = ProcInfo(pid, role, name, cmd, first_seen=now)
-            elif ROLE_RANK[info.role] > 1 and self.ticks % 5 == 0:  # Ray retitles workers: look again
+            elif (ROLE_RANK[info.role] > 1 or not info.cmd) and self.ticks % 5 == 0:
+                # Ray retitles its workers (ray::IDLE -> ray::MergeWorker), and a process caught between
+                # fork and exec has no command line yet: look again
                 role, name, cmd = self._role(p)
                 if ROLE_RANK[role] < ROLE_RANK[info.role]:
                     info.role, info.name, info.cmd = role, name, cmd
+                elif not info.cmd:
+                    info.cmd = cmd
             info.samples += 1
             info.last_seen = now
             if rss > info.peak_rss:
