@@ -13,8 +13,10 @@ from .errors import ExpoError
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with the same fields as the flags (flags override it)")
-    p.add_argument("--sft", help="the SFT model folder (the starting point of alignment)")
-    p.add_argument("--aligned", help="the aligned (DPO/RLHF) model folder trained from the SFT model")
+    p.add_argument("--sft", help="the SFT model (the starting point of alignment): a folder, or a Hub repo id "
+                                 "org/name[@revision]")
+    p.add_argument("--aligned", help="the aligned (DPO/RLHF) model trained from the SFT model: a folder, or a Hub "
+                                     "repo id org/name[@revision]")
     p.add_argument("--alpha", type=str, help="extrapolation strength, e.g. 0.3 (the paper used 0.1-0.5)")
     p.add_argument("--out", help="output folder (on a path every node sees)")
     p.add_argument("--address", help="join a Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT "
@@ -25,6 +27,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace what is in --out (an unfinished merge of the same plan resumes without it)")
     p.add_argument("--max-attempts", type=int, help="runs of one task before the merge fails (default 4)")
+    p.add_argument("--cache-dir", help="Hugging Face cache for Hub models, on every node (default: HF_HUB_CACHE, "
+                                       "i.e. $HF_HOME/hub); workers fetch only the weight files they read into it")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -33,7 +37,8 @@ def _spec(args):
     from .spec import build_spec
 
     overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "workers",
-                                               "max_task_bytes", "max_shard_size", "overwrite", "max_attempts")}
+                                               "max_task_bytes", "max_shard_size", "overwrite", "max_attempts",
+                                               "cache_dir")}
     return build_spec(args.config, overrides)
 
 
@@ -67,6 +72,22 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    sft, aligned, alpha = args.sft, args.aligned, args.alpha
+    if args.config:
+        from .spec import load_config
+
+        cfg = load_config(args.config)
+        sft, aligned = sft or cfg.get("sft"), aligned or cfg.get("aligned")
+        alpha = alpha if alpha is not None else cfg.get("alpha")
+    report = verify(args.out, sft=sft, aligned=aligned, alpha=alpha, sample=None if args.full else args.sample,
+                    seed=args.seed, verbose=args.verbose)
+    print(report.verdict())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expo-dist", description="Exact, distributed ExPO model extrapolation "
                                      "(theta_aligned + alpha * (theta_aligned - theta_sft)) on Ray.")
@@ -79,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="show what merge would do, reading only headers")
     _merge_args(p)
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("verify", help="check a merged folder: index, headers, sizes, manifest sha256; with the "
+                                      "inputs, recompute tensors against the float64 reference")
+    p.add_argument("out", help="the merge's output folder")
+    p.add_argument("--sft", help="the SFT model folder (with --aligned: recompute tensors)")
+    p.add_argument("--aligned", help="the aligned model folder")
+    p.add_argument("--alpha", type=str, help="alpha to check against (default: the manifest's)")
+    p.add_argument("--config", help="YAML merge config to take --sft, --aligned and --alpha from")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sample", type=int, default=8, metavar="N",
+                   help="recompute N random extrapolated tensors (default 8); copied elements are always checked")
+    g.add_argument("--full", action="store_true", help="recompute every tensor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --sample choice (default 0)")
+    p.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="expo-dist: %(message)s")

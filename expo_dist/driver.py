@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from .plan import Plan, Task
 
 log = logging.getLogger("expo_dist")
 IN_FLIGHT = 2  # tasks queued per actor: one runs while the next waits
+START_TIMEOUT = 300.0  # seconds to wait for a replacement worker when no worker is left
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
@@ -29,7 +31,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
             return False
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # address="local": a Ray of our own, even where /tmp/ray/ray_current_cluster names a cluster someone
+        # started on this machine (plain ray.init() would join that one); RAY_ADDRESS still wins (ray job submit)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         return True
     except ConnectionError as e:
         raise ExpoError(f"cannot connect to Ray at {address!r}: {e}") from None
@@ -66,6 +70,7 @@ class RunStats:
     sealed: dict[str, dict] = field(default_factory=dict)
     differs: set = field(default_factory=set)
     nonfinite_out: int = 0
+    nonfinite_in: int | None = None  # None: the workers do not count non-finite inputs
     attempts: int = 0
     seconds: float = 0.0
 
@@ -98,6 +103,10 @@ class Scheduler:
         self.n = max(1, min(n, len(plan.tasks) or 1))
         self.opts = dict(num_gpus=1, num_cpus=0) if gpus else dict(num_cpus=1 if workers is None or workers <= cpus else 0)
         self.actors: dict = {}  # actor handle -> info
+        self.starting: set = set()  # replacement actors not yet up
+        self.failed_starts, self.last_start_error = 0, ""
+        self.last_error: dict[int, str] = {}
+        self.seq = itertools.count()
         self.stats = RunStats()
 
     def _spawn(self):
@@ -111,10 +120,23 @@ class Scheduler:
         new = [self._spawn() for _ in range(k)]
         infos = self.ray.get([a.info.remote() for a in new])
         for a, info in zip(new, infos):
-            info["tasks"] = 0
-            info["bytes"] = 0
-            self.actors[a] = info
-            self.stats.workers.append(info)
+            self._register(a, info)
+
+    def _register(self, actor, info: dict) -> None:
+        info["tasks"] = 0
+        info["bytes"] = 0
+        self.actors[actor] = info
+        self.stats.workers.append(info)
+
+    def _replace(self, pending: dict) -> None:
+        """Start a replacement actor without waiting for it: it may never fit (its node is gone, and every
+        other CPU or GPU is taken by a live worker), and then the live workers finish the merge alone."""
+        if self.failed_starts >= self.max_attempts:
+            raise MergeFailed(f"no worker could be started ({self.failed_starts} tries); last error: "
+                              f"{self.last_start_error}")
+        a = self._spawn()
+        self.starting.add(a)
+        pending[a.info.remote()] = ("start", a, None, next(self.seq))
 
     def _next_task(self, node: str) -> Task | None:
         mine = [f for f, n in self.owner.items() if n == node and self.todo[f]]
@@ -130,12 +152,24 @@ class Scheduler:
         return None
 
     def run(self, progress: Progress | None = None) -> RunStats:
-        ray = self.ray
         t0 = time.monotonic()
         self._start_actors(self.n)
-        pending: dict = {}  # ref -> (kind, actor, payload)
+        try:
+            self._loop(progress, t0)
+        finally:  # on failure too: on a shared cluster, live actors would keep holding their CPUs / GPUs
+            for a in list(self.actors) + list(self.starting):
+                try:
+                    self.ray.kill(a, no_restart=True)
+                except Exception:  # pragma: no cover - the actor or the cluster is already gone
+                    pass
+        self.stats.attempts = sum(self.attempts.values())
+        self.stats.seconds = time.monotonic() - t0
+        return self.stats
+
+    def _loop(self, progress: Progress | None, t0: float) -> None:
+        ray = self.ray
+        pending: dict = {}  # ref -> (kind, actor, payload, submission number)
         load: dict = defaultdict(int)
-        seals = []
 
         def feed(actor):
             while load[actor] < IN_FLIGHT:
@@ -144,31 +178,47 @@ class Scheduler:
                     mine = [f for f in self.to_seal if self.owner.get(f) == node]
                     f = mine[0] if mine else self.to_seal[0]
                     self.to_seal.remove(f)
-                    pending[actor.seal.remote(f)] = ("seal", actor, f)
+                    pending[actor.seal.remote(f)] = ("seal", actor, f, next(self.seq))
                     load[actor] += 1
                     continue
                 task = self._next_task(node)
                 if task is None:
                     return
                 self.attempts[task.id] += 1
-                pending[actor.run.remote(task)] = ("task", actor, task)
+                pending[actor.run.remote(task)] = ("task", actor, task, next(self.seq))
                 load[actor] += 1
 
-        for a in list(self.actors):
-            feed(a)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+        while True:
+            for a in list(self.actors):
+                feed(a)
+            busy = any(v[0] != "start" for v in pending.values())
+            if not busy and not self.to_seal and not any(self.todo.values()):
+                return
+            if not self.actors and not self.starting:
+                self._replace(pending)
+            # with no live worker, wait for a replacement only so long
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if self.actors else START_TIMEOUT)
+            if not ready:
+                raise MergeFailed(f"no worker left and none could be started in {START_TIMEOUT:.0f}s (has the "
+                                  "cluster lost its nodes?); rerun the same command to resume")
             ref = ready[0]
-            kind, actor, payload = pending.pop(ref)
+            kind, actor, payload, seq = pending.pop(ref)
+            if kind == "start":
+                self.starting.discard(actor)
+                try:
+                    self._register(actor, ray.get(ref))
+                except ray.exceptions.RayError as e:
+                    self.failed_starts += 1
+                    self.last_start_error = f"{e.__class__.__name__}: {_first_line(e)}"
+                    log.warning("a replacement worker did not start (%s)", self.last_start_error)
+                continue
             load[actor] -= 1
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
                     ray.exceptions.OwnerDiedError) as e:
-                self._lost(actor, payload, kind, e, pending, load)
-                for a in list(self.actors):
-                    feed(a)
+                self._lost(actor, kind, payload, seq, e, pending, load)
                 continue
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
@@ -181,52 +231,65 @@ class Scheduler:
                 info["bytes"] += result.nbytes
                 self.stats.differs.update(result.differs)
                 self.stats.nonfinite_out += result.nonfinite_out
+                if getattr(result, "nonfinite_in", None) is not None:
+                    self.stats.nonfinite_in = (self.stats.nonfinite_in or 0) + result.nonfinite_in
                 if self.on_done:
                     self.on_done(payload, result)
                 if progress:
                     progress.add(result.nbytes)
                 self.remaining[payload.file] -= 1
                 if self.remaining[payload.file] == 0:
+                    log.info("all tasks of %s done at %.2fs", payload.file, time.monotonic() - t0)
                     self.to_seal.append(payload.file)
             else:
                 self.stats.sealed[payload] = result
-            for a in list(self.actors):
-                feed(a)
-        self.stats.attempts = sum(self.attempts.values())
-        self.stats.seconds = time.monotonic() - t0
-        for a in list(self.actors):
-            ray.kill(a)
-        return self.stats
+                log.info("sealed %s at %.2fs", payload, time.monotonic() - t0)
 
-    def _lost(self, actor, payload, kind, err, pending, load) -> None:
-        """An actor or its node died: give its queued work back and start a replacement."""
+    def _lost(self, actor, kind, payload, seq, err, pending, load) -> None:
+        """An actor or its node died: give back all it held and start a replacement.
+
+        An actor runs its calls one at a time in the order they were sent, so of what it held only the
+        earliest was running; the others never started and do not count as attempts."""
         ray = self.ray
-        if actor in self.actors:
-            info = self.actors.pop(actor)
-            log.warning("worker %s on %s died (%s); rescheduling its tasks",
-                        info.get("pid"), info.get("hostname"), err.__class__.__name__)
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
-            # requeue everything else that actor still held
-            for ref, (k, a, p) in list(pending.items()):
-                if a is actor:
-                    pending.pop(ref)
-                    self._requeue(k, p, err)
-            load.pop(actor, None)
-            self._start_actors(1)
-        self._requeue(kind, payload, err)
+        info = self.actors.pop(actor, None) or {}
+        info["died"] = f"{err.__class__.__name__}: {_first_line(err)}"
+        log.warning("worker %s on %s died (%s); rescheduling its tasks",
+                    info.get("pid"), info.get("hostname"), err.__class__.__name__)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # pragma: no cover - already gone
+            pass
+        held = [(kind, payload, seq)]
+        for ref, (k, a, p, q) in list(pending.items()):
+            if a is actor:
+                pending.pop(ref)
+                held.append((k, p, q))
+        load.pop(actor, None)
+        running = min(q for _, _, q in held)
+        where = f"worker pid {info.get('pid')} on {info.get('hostname')} died ({info['died']})"
+        for k, p, q in sorted(held, key=lambda h: -h[2]):  # requeued at the front: the running one first
+            self._requeue(k, p, where, started=q == running)
+        self._replace(pending)
 
-    def _requeue(self, kind, payload, err) -> None:
+    def _requeue(self, kind, payload, err: str, started: bool = True) -> None:
         if kind == "seal":  # seal again on any worker: the bytes are on the shared output path
             self.to_seal.append(payload)
             return
         task: Task = payload
+        if not started:
+            self.attempts[task.id] -= 1
+        else:
+            self.last_error[task.id] = err
         if self.attempts[task.id] >= self.max_attempts:
             raise MergeFailed(f"task {task.id} ({task.file} bytes {task.begin}-{task.end}) failed "
-                              f"{self.attempts[task.id]} times; last error: {str(err).splitlines()[0]}")
+                              f"{self.attempts[task.id]} times (--max-attempts {self.max_attempts}); last error: "
+                              f"{self.last_error.get(task.id, err)}")
         self.todo[task.file].appendleft(task)
         self.owner.pop(task.file, None)
         if task.file not in self.unclaimed:
             self.unclaimed.appendleft(task.file)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else err.__class__.__name__

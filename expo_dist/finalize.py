@@ -58,22 +58,23 @@ def create_shards(plan: Plan, wdir: str, keep: set[str] = frozenset()) -> None:
     for shard in plan.shards:
         path = os.path.join(wdir, shard.file)
         if shard.file in keep and os.path.exists(path) and os.path.getsize(path) == shard.layout.size:
-            continue
+            with open(path, "rb") as f:
+                if f.read(len(shard.layout.header)) == shard.layout.header:
+                    continue
         with open(path, "wb") as f:
             f.write(shard.layout.header)
             f.truncate(shard.layout.size)
 
 
+def is_side_file(name: str) -> bool:
+    """A top-level file of the aligned model that goes into the output as it is (config, tokenizer, template...)."""
+    return not (name in SKIP_FILES or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES)
+                or name.endswith(".index.json"))
+
+
 def side_files(aligned_root: str) -> list[str]:
-    out = []
-    for name in sorted(os.listdir(aligned_root)):
-        path = os.path.join(aligned_root, name)
-        if not os.path.isfile(path) or name in SKIP_FILES or name.startswith("."):
-            continue
-        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            continue
-        out.append(name)
-    return out
+    return [name for name in sorted(os.listdir(aligned_root))
+            if os.path.isfile(os.path.join(aligned_root, name)) and is_side_file(name)]
 
 
 def model_card(spec_info: dict) -> str:

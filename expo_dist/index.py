@@ -1,21 +1,26 @@
-"""Index a model folder: every tensor's file, dtype, shape and byte range, from headers alone."""
+"""Index a model (local folder or Hub repo): every tensor's file, dtype, shape and byte range, from headers alone."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 
+from .binindex import read_bin_header
 from .errors import ExpoError
-from .stfile import FileHeader, TensorEntry, read_header
+from .sources import Resolved, resolve
+from .stfile import MAX_HEADER, FileHeader, TensorEntry, parse_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 
 
 @dataclass(frozen=True)
 class TensorRef:
-    file: str  # absolute path
+    file: str  # absolute path, or hf://org/name@<commit>/<file> (sources.local_path resolves it on a worker)
     entry: TensorEntry
 
     @property
@@ -33,6 +38,8 @@ class ModelIndex:
     tensors: dict[str, TensorRef]
     files: dict[str, FileHeader] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)  # {"path": ...} or {"repo_id", "revision", "commit"}
+    format: str = "safetensors"  # or "pytorch .bin"
 
     @property
     def total_bytes(self) -> int:
@@ -60,52 +67,92 @@ def read_config(root: str) -> dict:
     return cfg
 
 
-def index_model(root: str) -> ModelIndex:
-    """Index a local model folder holding model.safetensors or a sharded safetensors checkpoint."""
-    root = os.path.abspath(root)
-    if not os.path.isdir(root):
-        raise ExpoError(f"{root}: not a directory (give a local model folder)")
-    index_path = os.path.join(root, INDEX_NAME)
-    if os.path.exists(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                doc = json.load(f)
-            weight_map = doc["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-            raise ExpoError(f"{index_path}: not a valid safetensors index ({e.__class__.__name__}: {e})")
-        files = []
-        for name in weight_map.values():
-            path = _safe_name(root, name, index_path)
-            if path not in files:
-                files.append(path)
-        for path in files:
-            if not os.path.exists(path):
-                raise ExpoError(f"{index_path}: names {os.path.basename(path)}, which is missing from {root}")
-    elif os.path.exists(os.path.join(root, SINGLE_NAME)):
-        weight_map = None
-        files = [os.path.join(root, SINGLE_NAME)]
+def _load_weight_map(index_path: str, kind: str) -> dict:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            doc = json.load(f)
+        weight_map = doc["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
+        raise ExpoError(f"{index_path}: not a valid {kind} index ({e.__class__.__name__}: {e})")
+    return weight_map
+
+
+def _st_header(src: Resolved, name: str) -> FileHeader:
+    """A safetensors header, from the local file (folder or HF cache) or by range requests; no tensor data."""
+    if not src.is_hub:
+        return read_header(src.ref(name))
+    r = src.reader(name)
+    try:
+        head = r.read(0, 8)
+        if len(head) < 8:
+            raise ExpoError(f"{r.display}: not a safetensors file (shorter than 8 bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > r.size:
+            raise ExpoError(f"{r.display}: header length {n} goes beyond the file's {r.size} bytes "
+                            "(truncated or not safetensors)")
+        raw = r.read(8, n)
+    finally:
+        r.close()
+    return parse_header(r.display, raw, r.size)
+
+
+def _bin_header(src: Resolved, name: str) -> FileHeader:
+    r = src.reader(name)
+    try:
+        return read_bin_header(r)
+    finally:
+        r.close()
+
+
+def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
+    """Index a model: a local folder, or a Hub repo id[@revision] (see sources.resolve), holding model.safetensors,
+    a sharded safetensors checkpoint, pytorch_model.bin or a sharded .bin checkpoint (torch.save zip format).
+
+    Weight files are named by TensorRef.file: an absolute path, or hf://org/name@<commit>/<file> for the Hub."""
+    src = resolve(source, cache_dir)
+    root = src.root
+    where = root if not src.is_hub else f"{src.repo_id}@{src.revision or 'main'}"
+    for index_name, single_name, kind in ((INDEX_NAME, SINGLE_NAME, "safetensors"),
+                                          (BIN_INDEX_NAME, BIN_SINGLE_NAME, "pytorch .bin")):
+        if src.exists(index_name):
+            index_path = src.local_file(index_name) if not src.is_hub else src.display(index_name)
+            weight_map = _load_weight_map(src.local_file(index_name), kind)
+            files = []
+            for name in weight_map.values():
+                _safe_name(root, name, index_path)
+                if name not in files:
+                    files.append(name)
+            for name in files:
+                if not src.exists(name):
+                    raise ExpoError(f"{index_path}: names {name}, which is missing from {where}")
+            break
+        if src.exists(single_name):
+            weight_map, files = None, [single_name]
+            break
     else:
-        raise ExpoError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME} (is this a model folder?)")
+        raise ExpoError(f"{where}: no {SINGLE_NAME}, {INDEX_NAME}, {BIN_SINGLE_NAME} or {BIN_INDEX_NAME} "
+                        "(is this a model folder?)")
 
     tensors: dict[str, TensorRef] = {}
     headers = {}
-    for path in files:
-        h = read_header(path)
+    for name in files:
+        path = src.ref(name)
+        h = _st_header(src, name) if kind == "safetensors" else _bin_header(src, name)
         headers[path] = h
-        for name, entry in h.tensors.items():
-            if name in tensors:
+        for tname, entry in h.tensors.items():
+            if tname in tensors:
                 raise ExpoError(
-                    f"{root}: tensor {name!r} appears in both {os.path.basename(tensors[name].file)} "
-                    f"and {os.path.basename(path)}"
+                    f"{where}: tensor {tname!r} appears in both {os.path.basename(tensors[tname].file)} "
+                    f"and {name}"
                 )
-            tensors[name] = TensorRef(path, entry)
+            tensors[tname] = TensorRef(path, entry)
     if weight_map is not None:
-        for name, fname in weight_map.items():
-            ref = tensors.get(name)
+        for tname, fname in weight_map.items():
+            ref = tensors.get(tname)
             if ref is None or os.path.basename(ref.file) != fname:
-                raise ExpoError(f"{index_path}: maps {name!r} to {fname}, which does not hold it")
+                raise ExpoError(f"{index_path}: maps {tname!r} to {fname}, which does not hold it")
         extra = sorted(set(tensors) - set(weight_map))
         if extra:
             raise ExpoError(f"{index_path}: tensors present in shards but not in weight_map: {', '.join(extra[:5])}")
-    return ModelIndex(root, tensors, headers, read_config(root))
+    return ModelIndex(root, tensors, headers, read_config(root), origin=src.origin(), format=kind)

@@ -56,17 +56,24 @@ class Journal:
         return out
 
     def verified_done(self, plan: Plan) -> set[int]:
+        """Tasks the journal lists whose bytes check out, in staged files of the right size and header
+        (finalize.create_shards keeps exactly those files and recreates the others)."""
         done = set()
         recorded = self.entries()
+        intact = {s.file for s in plan.shards if _intact(os.path.join(self.wdir, s.file), s.layout)}
         for task in plan.tasks:
             crc = recorded.get(task.id)
-            if crc is not None and _crc_of(os.path.join(self.wdir, task.file), task.begin, task.end) == crc:
+            if crc is not None and task.file in intact \
+                    and _crc_of(os.path.join(self.wdir, task.file), task.begin, task.end) == crc:
                 done.add(task.id)
         return done
 
     def record(self, task, result) -> None:
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(self.fd).st_size
+            if size and os.pread(self.fd, 1, size - 1) != b"\n":
+                os.write(self.fd, b"\n")  # end a line torn by a crash, or the next record would join it
         line = json.dumps({"task": task.id, "file": task.file, "begin": task.begin, "end": task.end,
                            "crc32": result.crc32}) + "\n"
         os.write(self.fd, line.encode())
@@ -75,6 +82,14 @@ class Journal:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _intact(path: str, layout) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == layout.size and f.read(len(layout.header)) == layout.header
+    except OSError:
+        return False
 
 
 def _crc_of(path: str, begin: int, end: int) -> int | None:

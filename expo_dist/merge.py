@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -10,11 +11,12 @@ import sys
 
 from . import __version__
 from .driver import Progress, Scheduler, connect
-from .errors import ExpoError
-from .finalize import check_out_dir, clear_outputs, create_shards, finish, work_dir
+from .errors import ExpoError, MergeFailed
+from .finalize import check_out_dir, clear_outputs, create_shards, finish, side_files, work_dir
 from .index import ModelIndex, index_model
 from .journal import Journal
 from .plan import Plan, Source, make_plan
+from .sources import is_ref
 from .spec import MergeSpec
 
 log = logging.getLogger("expo_dist")
@@ -25,7 +27,8 @@ def sources(index: ModelIndex) -> dict[str, Source]:
 
 
 def build_plan(spec: MergeSpec) -> tuple[Plan, ModelIndex, ModelIndex]:
-    sft, aligned = index_model(spec.sft), index_model(spec.aligned)
+    cache_dir = getattr(spec, "cache_dir", None)
+    sft, aligned = index_model(spec.sft, cache_dir), index_model(spec.aligned, cache_dir)
     plan = make_plan(sources(sft), sources(aligned), alpha_for=lambda name: spec.alpha,
                      sft_config=sft.config, aligned_config=aligned.config,
                      max_task_bytes=spec.max_task_bytes, max_shard_size=spec.max_shard_size)
@@ -38,12 +41,20 @@ def fingerprint(plan: Plan, spec: MergeSpec) -> str:
                    | {s.s_file for t in plan.tasks for s in t.segments if s.s_file})
     doc = {
         "alpha": spec.alpha,
-        "inputs": [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files],
+        "inputs": [_input_identity(f) for f in files],
         "shards": [[s.file, hashlib.sha256(s.layout.header).hexdigest(), s.layout.size] for s in plan.shards],
         "tasks": [[t.file, t.begin, t.end] for t in plan.tasks],
         "version": __version__,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _input_identity(f: str) -> list:
+    """A local file by name, size and mtime; a Hub file by its ref, which pins the commit (immutable)."""
+    if is_ref(f):
+        return [f]
+    st = os.stat(f)
+    return [f, st.st_size, st.st_mtime_ns]
 
 
 def prepare_output(spec: MergeSpec, plan: Plan) -> Journal:
@@ -52,21 +63,60 @@ def prepare_output(spec: MergeSpec, plan: Plan) -> Journal:
     fp = fingerprint(plan, spec)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExpoError(f"--out {out} exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
-    journal = Journal(work_dir(out))
-    if os.listdir(out):
-        if journal.exists() and journal.fingerprint() == fp and not spec.overwrite:
-            log.warning("resuming the unfinished merge in %s", out)
-        elif spec.overwrite:
-            clear_outputs(out)
-        elif journal.exists():
-            raise ExpoError(f"--out {out} holds an unfinished merge of different inputs or settings; "
-                            "rerun with --overwrite to discard it")
-        else:
-            raise ExpoError(f"--out {out} is not empty; choose an empty folder or pass --overwrite")
-    if not journal.exists():
-        journal.start(fp)
+    try:
+        os.makedirs(out, exist_ok=True)
+        journal = Journal(work_dir(out))
+        if os.listdir(out):
+            if journal.exists() and journal.fingerprint() == fp and not spec.overwrite:
+                log.warning("resuming the unfinished merge in %s", out)
+            elif spec.overwrite:
+                clear_outputs(out)
+            elif journal.exists():
+                raise ExpoError(f"--out {out} holds an unfinished merge of different inputs or settings; "
+                                "rerun with --overwrite to discard it")
+            else:
+                raise ExpoError(f"--out {out} is not empty; choose an empty folder or pass --overwrite")
+        if not journal.exists():
+            journal.start(fp)
+    except OSError as e:
+        raise ExpoError(os_error_message(e, out)) from None
     return journal
+
+
+def os_error_message(e: OSError, path: str) -> str:
+    """One line for an OS error on the output side: full disk, read-only disk, anything else."""
+    where = e.filename or path
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{where}: no space left on the output disk ({e.strerror}); free space or choose another --out, "
+                "then rerun the same command to resume")
+    if e.errno == errno.EROFS or (e.errno in (errno.EACCES, errno.EPERM) and str(where).startswith(path)):
+        return f"{where}: the output folder is not writable ({e.strerror}); choose another --out"
+    return f"{where}: {e.strerror or e}"
+
+
+def check_space(plan: Plan, out: str, aligned_root: str) -> None:
+    """Refuse to start when the output disk cannot hold what is left to write (staged shards are sparse:
+    the blocks they already have count as written)."""
+    wdir = work_dir(out)
+    need = 1 << 20  # manifest, card, index, journal
+    for shard in plan.shards:
+        try:
+            st = os.stat(os.path.join(wdir, shard.file))
+            have = st.st_blocks * 512 if st.st_size == shard.layout.size else 0
+        except OSError:
+            have = 0
+        need += max(0, shard.layout.size - have)
+    need += sum(os.path.getsize(os.path.join(aligned_root, f)) for f in side_files(aligned_root))
+    st = os.statvfs(wdir)
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks and free < need:  # f_blocks == 0: the filesystem does not say
+        raise ExpoError(f"{out}: no space left on the output disk for this merge: it needs {_mb(need)} more, "
+                        f"the disk has {_mb(free)} free; free space or choose another --out, then rerun the "
+                        "same command to resume")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def run(spec: MergeSpec, progress: bool = True) -> dict:
@@ -75,10 +125,20 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
     for w in plan.warnings:
         log.warning("%s", w)
     journal = prepare_output(spec, plan)
+    try:
+        return _run(spec, plan, aligned, journal, progress)
+    except OSError as e:  # the output disk filled up or went read-only under us
+        raise MergeFailed(os_error_message(e, spec.out)) from None
+    finally:
+        journal.close()
+
+
+def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, progress: bool) -> dict:
     done = journal.verified_done(plan)
     if done:
         log.warning("%d of %d tasks were already done and check out; redoing the other %d",
                     len(done), len(plan.tasks), len(plan.tasks) - len(done))
+    check_space(plan, spec.out, aligned.root)
     create_shards(plan, work_dir(spec.out), keep={t.file for t in plan.tasks if t.id in done})
     started = connect(spec.address)
     try:
@@ -95,8 +155,15 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
     if stats.differs:
         log.warning("non-float tensors differ between the models (aligned copied): %s",
                     ", ".join(sorted(stats.differs)))
-    if stats.nonfinite_out:
-        log.warning("%d output elements are NaN or Inf", stats.nonfinite_out)
+    if stats.nonfinite_in:
+        log.warning("the inputs hold %d NaN or Inf elements; %d output elements are NaN or Inf",
+                    stats.nonfinite_in, stats.nonfinite_out)
+    elif stats.nonfinite_out and stats.nonfinite_in == 0:
+        log.warning("%d output elements are NaN or Inf where the inputs had none (alpha too large for the "
+                    "dtype's range?)", stats.nonfinite_out)
+    elif stats.nonfinite_out:  # the workers did not count the inputs
+        log.warning("%d output elements are NaN or Inf (NaN/Inf in the inputs, or alpha too large for the "
+                    "dtype's range?)", stats.nonfinite_out)
     info = {
         "sft": spec.sft,
         "aligned": spec.aligned,
@@ -108,6 +175,7 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
         "workers": stats.workers,
         "nonfloat_differs": sorted(stats.differs),
         "nonfinite_out": stats.nonfinite_out,
+        "nonfinite_in": stats.nonfinite_in,
         "merge_seconds": round(stats.seconds, 3),
     }
     return finish(spec.out, plan, aligned.root, info, stats.sealed)

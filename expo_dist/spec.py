@@ -27,11 +27,12 @@ class MergeSpec:
     max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
     overwrite: bool = False
     max_attempts: int = 4
+    cache_dir: str | None = None  # Hugging Face Hub cache for Hub sources (default: HF_HUB_CACHE / HF_HOME)
 
     def validate(self, need_out: bool = True) -> "MergeSpec":
         for key in ("sft", "aligned"):
             if not getattr(self, key):
-                raise ExpoError(f"missing --{key} (a model folder)")
+                raise ExpoError(f"missing --{key} (a model folder or Hub repo id)")
         if need_out and not self.out:
             raise ExpoError("missing --out (the output folder)")
         try:
@@ -51,6 +52,8 @@ class MergeSpec:
             raise ExpoError("--workers must be at least 1")
         if self.out:
             self.out = os.path.abspath(os.path.expanduser(self.out))
+        if self.cache_dir:
+            self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
         for key in ("sft", "aligned"):
             val = os.path.expanduser(getattr(self, key))
             if os.path.exists(val):

@@ -1,0 +1,222 @@
+"""Faults on a real 3-node Ray cluster (ray.cluster_utils.Cluster on this machine).
+
+A worker process killed mid-task and a node removed mid-merge: the merge finishes on the workers left
+(and replacements), the output is byte-identical to an undisturbed merge, and the manifest shows the reruns.
+A task that kills its worker every time: the merge fails after --max-attempts runs with a line naming the
+task and the last error, leaves nothing that looks complete, and the same command then resumes.
+
+Faults are injected with the test-only hooks in expo_dist/worker.py: EXPO_TEST_FAULTS names a JSON file,
+re-read before every task, with a per-task delay (so there is a "mid-merge" to hit) and task ids whose
+worker exits at once.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from expo_dist.cli import main
+from expo_dist.merge import run
+from expo_dist.spec import MergeSpec
+from expo_dist.synth import make_pair
+from expo_dist.worker import TEST_FAULTS_ENV
+
+ALPHA = 0.4
+SETTINGS = dict(max_shard_size="3MB", max_task_bytes="1MiB")
+COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.json")
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    path.write_text("{}")
+
+    def set_faults(**kw):
+        path.write_text(json.dumps(kw))
+
+    set_faults.path = path
+    return set_faults
+
+
+@pytest.fixture(scope="module")
+def cluster(faults):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    old = os.environ.get(TEST_FAULTS_ENV)
+    os.environ[TEST_FAULTS_ENV] = str(faults.path)  # every node's raylet, hence every worker, inherits it
+    try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        for _ in range(2):
+            c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+    finally:
+        if old is None:
+            os.environ.pop(TEST_FAULTS_ENV, None)
+        else:
+            os.environ[TEST_FAULTS_ENV] = old
+    ray.init(address=c.address, logging_level="ERROR")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"), hidden_size=256, intermediate_size=768, num_layers=6,
+                     num_heads=8, num_kv_heads=4, vocab_size=2048, sft_shard_bytes=3_000_000,
+                     aligned_shard_bytes=2_000_000, seed=9)
+
+
+def spec(pair, out, **kw):
+    return MergeSpec(sft=str(pair[0]), aligned=str(pair[1]), alpha=ALPHA, out=str(out), **{**SETTINGS, **kw})
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster, pair, faults, tmp_path_factory):
+    faults()
+    out = tmp_path_factory.mktemp("base") / "out"
+    m = run(spec(pair, out), progress=False)
+    assert m["task_attempts"] == m["tasks"] >= 12
+    return out
+
+
+def weights(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".index.json")))
+
+
+def assert_same(out, baseline):
+    assert weights(out) == weights(baseline)
+    for f in weights(baseline):
+        assert (out / f).read_bytes() == (baseline / f).read_bytes(), f
+
+
+def journal_lines(out):
+    try:
+        with open(out / ".expo" / "journal.jsonl") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def in_thread(fn):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    box["thread"] = t
+    return box
+
+
+def finish(box, timeout=180):
+    box["thread"].join(timeout)
+    assert not box["thread"].is_alive(), "the merge did not finish"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def wait_for(cond, timeout=60, what="condition"):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def merge_workers(root_pid=None, busy=False):
+    """MergeWorker processes under root_pid (default: this test process, whose children are the nodes)."""
+    procs = []
+    for p in psutil.Process(root_pid or os.getpid()).children(recursive=True):
+        try:
+            title = (p.cmdline() or [""])[0]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title == "ray::MergeWorker.run" or (not busy and title.startswith("ray::MergeWorker")):
+            procs.append(p)
+    return procs
+
+
+def test_worker_killed_mid_task(cluster, pair, baseline, faults, tmp_path):
+    """One worker, killed while it runs a task: only its replacement can finish the merge."""
+    faults(delay=0.3)
+    out = tmp_path / "out"
+    box = in_thread(lambda: run(spec(pair, out, workers=1), progress=False))
+    wait_for(lambda: journal_lines(out) >= 2, what="the first tasks")
+    wait_for(lambda: merge_workers(busy=True), what="a busy worker")
+    victim = merge_workers(busy=True)[0].pid
+    os.kill(victim, signal.SIGKILL)
+    m = finish(box)
+    # the task it was running ran twice; the one queued behind it never started, so it counts once
+    assert m["task_attempts"] == m["tasks"] + 1
+    dead = [w for w in m["workers"] if w.get("died")]
+    assert [w["pid"] for w in dead] == [victim], m["workers"]
+    assert "ActorDiedError" in dead[0]["died"]
+    assert len(m["workers"]) == 2 and m["workers"][1]["tasks"] > 0  # the replacement did the rest
+    assert sum(w["tasks"] for w in m["workers"]) == m["tasks"]
+    assert_same(out, baseline)
+
+
+def test_task_that_keeps_killing_its_worker_fails_after_max_attempts(cluster, pair, baseline, faults, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "out"
+    argv = ["merge", "--sft", str(pair[0]), "--aligned", str(pair[1]), "--alpha", str(ALPHA), "--out", str(out),
+            "--max-shard-size", SETTINGS["max_shard_size"], "--max-task-bytes", SETTINGS["max_task_bytes"],
+            "--max-attempts", "3", "-q", "--json"]
+    faults(crash=[5])
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("expo-dist: error: task 5 (model-"), err
+    assert "failed 3 times (--max-attempts 3); last error: worker pid" in last and "died" in last
+    assert not any((out / f).exists() for f in COMPLETE)
+    faults()
+    rc = main(argv)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    summary = json.loads(cap.out)
+    assert 0 < summary["tasks_resumed"] < summary["tasks"]
+    assert_same(out, baseline)
+
+
+def test_node_removed_mid_merge(cluster, pair, baseline, faults, tmp_path):
+    """Runs last: the cluster is down to two nodes afterwards (one is added back)."""
+    from ray._private import ray_constants
+
+    faults(delay=0.4)
+    out = tmp_path / "out"
+    box = in_thread(lambda: run(spec(pair, out), progress=False))
+    wait_for(lambda: journal_lines(out) >= 2, what="the first tasks")
+
+    def busy_node():
+        for node in cluster.worker_nodes:
+            raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+            if merge_workers(raylet, busy=True):
+                return node
+        return None
+
+    wait_for(busy_node, what="a worker node with a busy worker")
+    node = busy_node()
+    lost = {p.pid for p in merge_workers(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)}
+    cluster.remove_node(node)
+    try:
+        m = finish(box)
+    finally:
+        cluster.add_node(num_cpus=1)
+    assert m["task_attempts"] > m["tasks"]
+    dead = {w["pid"] for w in m["workers"] if w.get("died")}
+    assert dead == lost, m["workers"]
+    assert sum(w["tasks"] for w in m["workers"]) == m["tasks"]  # each task finished once, the rest elsewhere
+    assert_same(out, baseline)
