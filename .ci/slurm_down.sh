@@ -25,6 +25,10 @@ for f in slurmd.node1 slurmd.node2 slurmctld munged; do
     p="$STATE/$f.pid"
     [[ -s $p ]] || { rm -f "$p"; continue; }
     pid=$(cat "$p")
+    comm=$(ps -o comm= -p "$pid" 2>/dev/null || true)
+    if [[ -n $comm && $comm != "${f%%.*}" ]]; then   # a recycled PID: not ours any more
+        log "$f: pid $pid is now '$comm', leaving it alone"; rm -f "$p"; continue
+    fi
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done

@@ -33,7 +33,8 @@ log() { echo "slurm_up: $*" >&2; }
 alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # ---- already up? -----------------------------------------------------------------------
-if [[ -d $STATE ]] && alive "$STATE/munged.pid" && alive "$STATE/slurmctld.pid" \
+if [[ -d $STATE ]] && { [[ ! -s $STATE/munged.pid ]] || alive "$STATE/munged.pid"; } \
+   && alive "$STATE/slurmctld.pid" \
    && alive "$STATE/slurmd.node1.pid" && alive "$STATE/slurmd.node2.pid" \
    && sinfo -h >/dev/null 2>&1; then
     log "already up (state in $STATE)"; sinfo; exit 0
@@ -109,7 +110,9 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 # Let a cancelled job's trap clean up before SIGKILL (sbatch's trap needs a few seconds).
 KillWait=30
-MinJobAge=300
+# sbatch --wait polls the job after 2, 10, 42, 74 ... s, but every 2 s when MinJobAge < 8:
+# then it returns within ~2 s of the job's end. Finished jobs stay visible for >= 4 s.
+MinJobAge=4
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/slurmctld.daemon.pid
@@ -138,17 +141,19 @@ for n in node1 node2; do
     echo $! >"$STATE/slurmd.$n.pid"
 done
 
-# ---- wait for both nodes idle -----------------------------------------------------------
+# ---- wait until both nodes answer (idle; mixed/allocated when jobs survived a restart) ---
 ok=0
 for _ in $(seq 150); do
-    idle=$(sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2=="idle"' | wc -l)
-    [[ $idle -ge 2 ]] && { ok=1; break; }
+    up=$(sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2=="idle" || $2=="mix" || $2=="alloc"' | wc -l)
+    [[ $up -ge 2 ]] && { ok=1; break; }
     sleep 0.2
 done
 if [[ $ok != 1 ]]; then
     sinfo -N -l >&2 || true
-    tail -20 "$STATE/log/slurmctld.log" "$STATE"/log/slurmd.node*.log "$STATE"/log/slurmd.node*.out >&2 || true
-    die "nodes did not become idle within 30 s"
+    for f in "$STATE/log/slurmctld.log" "$STATE"/log/slurmd.node*.log "$STATE"/log/slurmd.node*.out; do
+        echo "--- $f" >&2; tail -n 20 "$f" >&2 || true
+    done
+    die "both Slurm nodes did not come up within 30 s"
 fi
 log "up in $((SECONDS - t0)) s: 2 nodes x $CPUS CPUs, ${NODE_MEM} MB; state in $STATE"
 sinfo

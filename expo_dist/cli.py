@@ -17,7 +17,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
                                  "org/name[@revision]")
     p.add_argument("--aligned", help="the aligned (DPO/RLHF) model trained from the SFT model: a folder, or a Hub "
                                      "repo id org/name[@revision]")
-    p.add_argument("--alpha", type=str, help="extrapolation strength, e.g. 0.3 (the paper used 0.1-0.5)")
+    p.add_argument("--alpha", type=str, nargs="+", help="extrapolation strength, e.g. 0.3 (the paper used 0.1-0.5); "
+                   "several values sweep: one output folder OUT/alpha-<value> each, from one read of the inputs")
     p.add_argument("--out", help="output folder (on a path every node sees)")
     p.add_argument("--address", help="join a Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT "
                                      "(default: start Ray on this machine)")
@@ -39,6 +40,8 @@ def _spec(args):
     overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "workers",
                                                "max_task_bytes", "max_shard_size", "overwrite", "max_attempts",
                                                "cache_dir")}
+    if overrides["alpha"] is not None and len(overrides["alpha"]) == 1:
+        overrides["alpha"] = overrides["alpha"][0]
     return build_spec(args.config, overrides)
 
 

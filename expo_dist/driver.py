@@ -16,6 +16,7 @@ from .plan import Plan, Task
 
 log = logging.getLogger("expo_dist")
 IN_FLIGHT = 2  # tasks queued per actor: one runs while the next waits
+HASH_STEP = 256 << 20  # bytes: how often a file's hasher is told that more of it is final
 START_TIMEOUT = 300.0  # seconds to wait for a replacement worker when no worker is left
 
 
@@ -40,14 +41,15 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 class Progress:
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=sys.stderr, per_task: int = 1):
+        self.per_task = per_task  # bytes written per task byte (outputs of a sweep)
         self.total, self.done, self.stream = total, 0, stream
         self.t0 = time.monotonic()
         self.last = 0.0
         self.tty = stream.isatty()
 
     def add(self, n: int) -> None:
-        self.done += n
+        self.done += n * self.per_task
         now = time.monotonic()
         if now - self.last < (0.2 if self.tty else 5.0) and self.done < self.total:
             return
@@ -56,7 +58,8 @@ class Progress:
         rate = self.done / el
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
-        msg = (f"merge {pct:5.1f}%  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB  "
+        unit, scale = ("GB", 1e9) if self.total >= 1e9 else ("MB", 1e6)
+        msg = (f"merge {pct:5.1f}%  {self.done / scale:.2f}/{self.total / scale:.2f} {unit}  "
                f"{rate / 1e9:.2f} GB/s  ETA {eta:5.0f}s")
         self.stream.write(("\r" + msg) if self.tty else msg + "\n")
         if self.tty and self.done >= self.total:
@@ -67,7 +70,7 @@ class Progress:
 @dataclass
 class RunStats:
     workers: list[dict] = field(default_factory=list)
-    sealed: dict[str, dict] = field(default_factory=dict)
+    sealed: dict[int, dict[str, dict]] = field(default_factory=dict)  # output number -> file -> sha256, size
     differs: set = field(default_factory=set)
     nonfinite_out: int = 0
     nonfinite_in: int | None = None  # None: the workers do not count non-finite inputs
@@ -78,12 +81,13 @@ class RunStats:
 class Scheduler:
     """Hands tasks to actors, keeping each output file on one node where it can."""
 
-    def __init__(self, plan: Plan, out_dir: str, workers: int | None, max_attempts: int,
+    def __init__(self, plan: Plan, out_dirs: str | list[str], workers: int | None, max_attempts: int,
                  skip: set[int] = frozenset(), on_done: Callable | None = None):
         import ray
 
         self.ray = ray
-        self.plan, self.out_dir, self.max_attempts = plan, out_dir, max_attempts
+        self.plan, self.max_attempts = plan, max_attempts
+        self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.on_done = on_done
         self.todo: dict[str, deque[Task]] = defaultdict(deque)
         for t in plan.tasks:
@@ -94,6 +98,14 @@ class Scheduler:
         self.remaining = {f: len(q) for f, q in self.todo.items()}
         self.to_seal: deque[str] = deque(s.file for s in plan.shards if not self.todo.get(s.file))
         self.attempts: dict[int, int] = defaultdict(int)
+        # sha256 along the write frontier: per file, its tasks in order, which are done, the hashing actor
+        self.by_file: dict[str, list[Task]] = defaultdict(list)
+        for t in sorted(plan.tasks, key=lambda t: t.begin):
+            self.by_file[t.file].append(t)
+        self.done_ids: set[int] = set(skip)
+        self.frontier: dict[str, int] = {s.file: 0 for s in plan.shards}  # index of the first unfinished task
+        self.hashed_to: dict[str, int] = {}  # file -> bytes the hasher was told are final
+        self.hasher: dict[str, object] = {}  # file -> actor hashing it
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
         self.device = "cuda" if gpus else "cpu"
@@ -113,7 +125,7 @@ class Scheduler:
         from .worker import MergeWorker
 
         a = MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **self.opts).remote(
-            self.out_dir, self.device)
+            self.out_dirs, self.device)
         return a
 
     def _start_actors(self, k: int) -> None:
@@ -174,11 +186,12 @@ class Scheduler:
         def feed(actor):
             while load[actor] < IN_FLIGHT:
                 node = self.actors[actor]["node_id"]
-                if self.to_seal:
-                    mine = [f for f in self.to_seal if self.owner.get(f) == node]
-                    f = mine[0] if mine else self.to_seal[0]
+                ours = [f for f in self.to_seal if self.hasher.get(f, actor) is actor]
+                if ours:  # seal where the file was hashed; a file whose hasher died is hashed anew here
+                    f = ours[0]
                     self.to_seal.remove(f)
-                    pending[actor.seal.remote(f)] = ("seal", actor, f, next(self.seq))
+                    self.hasher[f] = actor
+                    pending[actor.seal.remote(self._paths(f))] = ("seal", actor, f, next(self.seq))
                     load[actor] += 1
                     continue
                 task = self._next_task(node)
@@ -188,6 +201,8 @@ class Scheduler:
                 pending[actor.run.remote(task)] = ("task", actor, task, next(self.seq))
                 load[actor] += 1
 
+        for f in self.frontier:  # a resumed merge: hash what is already done
+            self._advance_hash(f, pending, None)
         while True:
             for a in list(self.actors):
                 feed(a)
@@ -212,7 +227,8 @@ class Scheduler:
                     self.last_start_error = f"{e.__class__.__name__}: {_first_line(e)}"
                     log.warning("a replacement worker did not start (%s)", self.last_start_error)
                 continue
-            load[actor] -= 1
+            if kind != "hash":
+                load[actor] -= 1
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
@@ -238,12 +254,38 @@ class Scheduler:
                 if progress:
                     progress.add(result.nbytes)
                 self.remaining[payload.file] -= 1
+                self.done_ids.add(payload.id)
+                self._advance_hash(payload.file, pending, actor)
                 if self.remaining[payload.file] == 0:
                     log.info("all tasks of %s done at %.2fs", payload.file, time.monotonic() - t0)
                     self.to_seal.append(payload.file)
-            else:
-                self.stats.sealed[payload] = result
+            elif kind == "seal":
+                for k, rec in enumerate(result):
+                    self.stats.sealed.setdefault(k, {})[payload] = rec
                 log.info("sealed %s at %.2fs", payload, time.monotonic() - t0)
+
+    def _paths(self, fname: str) -> list[str]:
+        return [os.path.join(d, fname) for d in self.out_dirs]
+
+    def _advance_hash(self, fname: str, pending: dict, actor) -> None:
+        """Tell the file's hasher how far the file is final (its finished prefix), every HASH_STEP bytes."""
+        tasks, i = self.by_file.get(fname, []), self.frontier[fname]
+        while i < len(tasks) and tasks[i].id in self.done_ids:
+            i += 1
+        self.frontier[fname] = i
+        upto = tasks[i - 1].end if i else 0
+        complete = i == len(tasks)
+        if upto <= self.hashed_to.get(fname, 0) or (not complete and upto - self.hashed_to.get(fname, 0) < HASH_STEP):
+            return
+        hasher = self.hasher.get(fname)
+        if hasher is None:
+            if actor is None or actor not in self.actors:
+                if not self.actors:
+                    return
+                actor = next(iter(self.actors))
+            hasher = self.hasher[fname] = actor
+        self.hashed_to[fname] = upto
+        pending[hasher.hash_advance.remote(self._paths(fname), upto)] = ("hash", hasher, fname, next(self.seq))
 
     def _lost(self, actor, kind, payload, seq, err, pending, load) -> None:
         """An actor or its node died: give back all it held and start a replacement.
@@ -259,17 +301,27 @@ class Scheduler:
             ray.kill(actor, no_restart=True)
         except Exception:  # pragma: no cover - already gone
             pass
+        for fname in [f for f, a in self.hasher.items() if a is actor]:  # its hash state is gone
+            del self.hasher[fname]
+            self.hashed_to.pop(fname, None)
         held = [(kind, payload, seq)]
         for ref, (k, a, p, q) in list(pending.items()):
             if a is actor:
                 pending.pop(ref)
                 held.append((k, p, q))
+        held = [h for h in held if h[0] != "hash"]
         load.pop(actor, None)
-        running = min(q for _, _, q in held)
+        running = min((q for _, _, q in held), default=None)
         where = f"worker pid {info.get('pid')} on {info.get('hostname')} died ({info['died']})"
         for k, p, q in sorted(held, key=lambda h: -h[2]):  # requeued at the front: the running one first
             self._requeue(k, p, where, started=q == running)
+        for fname in list(self.frontier):  # hash again from the start on another worker
+            if fname not in self.hasher and fname not in self.to_seal and fname not in self.stats_sealed_files():
+                self._advance_hash(fname, pending, None)
         self._replace(pending)
+
+    def stats_sealed_files(self) -> set:
+        return set(self.stats.sealed.get(0, {}))
 
     def _requeue(self, kind, payload, err: str, started: bool = True) -> None:
         if kind == "seal":  # seal again on any worker: the bytes are on the shared output path

@@ -46,7 +46,7 @@ def clear_outputs(out: str) -> None:
     """--overwrite: remove what a merge writes (weights, index, manifest, card, side files, work dir)."""
     for name in os.listdir(out):
         path = os.path.join(out, name)
-        if name == WORK:
+        if name == WORK or (name.startswith("alpha-") and os.path.isdir(path)):  # work dir, sweep outputs
             shutil.rmtree(path)
         elif os.path.isfile(path) or os.path.islink(path):
             os.unlink(path)
@@ -79,6 +79,12 @@ def side_files(aligned_root: str) -> list[str]:
 
 def model_card(spec_info: dict) -> str:
     sft, aligned, alpha = spec_info["sft"], spec_info["aligned"], spec_info["alpha"]
+    rules = spec_info.get("alpha_rules") or []
+    rule_lines = "".join(f"  - `{r.get('match') or r.get('regex')}` ({'glob' if 'match' in r else 'regex'}): "
+                         + (f"alpha {r['alpha']}" if "alpha" in r else f"alpha x {r['scale']}") + "\n"
+                         for r in rules)
+    rules_text = ("- per-tensor alpha rules (first match wins; other tensors take the alpha above):\n" + rule_lines
+                  if rules else "")
     return f"""---
 base_model:
 - {aligned}
@@ -99,7 +105,7 @@ extrapolation (ExPO; Zheng et al., 2024, "Weak-to-Strong Extrapolation Expedites
 - aligned model: `{aligned}`
 - SFT model: `{sft}`
 - alpha: {alpha}
-
+{rules_text}
 Every floating-point tensor was computed in float64 and rounded once to its output dtype. Tensors that
 are not floating point were copied from the aligned model. The config, generation config and tokenizer
 files come from the aligned model. `{MANIFEST}` lists the inputs, the settings and the sha256 of every
@@ -124,8 +130,10 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str, dict]) -> dict:
-    """Copy side files, write card and manifest, move shards into place, write the index last."""
+def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str, dict], variant: int = 0) -> dict:
+    """Copy side files, write card and manifest, move shards into place, write the index last.
+
+    variant: which alpha of a sweep this folder holds (per-tensor alphas in the manifest)."""
     wdir = work_dir(out)
     for name in side_files(aligned_root):
         shutil.copyfile(os.path.join(aligned_root, name), os.path.join(out, name))
@@ -139,7 +147,8 @@ def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str
         **info,
         "total_size": plan.total_size,
         "files": {s.file: sealed[s.file] for s in plan.shards},
-        "tensors": {k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "alpha": d.alpha}
+        "tensors": {k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape),
+                        "alpha": d.alphas[variant] if d.alphas else None}
                     for k, d in plan.decisions.items()},
         "warnings": plan.warnings,
     }

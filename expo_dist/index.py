@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .binindex import read_bin_header
@@ -136,9 +137,14 @@ def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
 
     tensors: dict[str, TensorRef] = {}
     headers = {}
-    for name in files:
+    read = _st_header if kind == "safetensors" else _bin_header
+    if src.is_hub and len(files) > 1:  # remote headers: a few range requests at a time
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda name: read(src, name), files))
+    else:
+        found = [read(src, name) for name in files]
+    for name, h in zip(files, found):
         path = src.ref(name)
-        h = _st_header(src, name) if kind == "safetensors" else _bin_header(src, name)
         headers[path] = h
         for tname, entry in h.tensors.items():
             if tname in tensors:

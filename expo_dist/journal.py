@@ -41,30 +41,34 @@ class Journal:
             json.dump({"fingerprint": fingerprint}, f)
         os.replace(tmp, self.plan_path)
 
-    def entries(self) -> dict[int, int]:
-        out: dict[int, int] = {}
+    def entries(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
         try:
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
-                        out[int(rec["task"])] = int(rec["crc32"])
+                        crcs = rec["crc32s"] if "crc32s" in rec else [rec["crc32"]]
+                        out[int(rec["task"])] = [int(c) for c in crcs]
                     except (ValueError, KeyError, TypeError):
                         continue  # a line torn by a crash
         except FileNotFoundError:
             pass
         return out
 
-    def verified_done(self, plan: Plan) -> set[int]:
-        """Tasks the journal lists whose bytes check out, in staged files of the right size and header
-        (finalize.create_shards keeps exactly those files and recreates the others)."""
+    def verified_done(self, plan: Plan, wdirs: list[str] | None = None) -> set[int]:
+        """Tasks the journal lists whose bytes check out in every output's staged file, each of the right size
+        and header (finalize.create_shards keeps exactly those files and recreates the others)."""
+        wdirs = wdirs or [self.wdir]
         done = set()
         recorded = self.entries()
-        intact = {s.file for s in plan.shards if _intact(os.path.join(self.wdir, s.file), s.layout)}
+        intact = {s.file for s in plan.shards
+                  if all(_intact(os.path.join(w, s.file), s.layout) for w in wdirs)}
         for task in plan.tasks:
-            crc = recorded.get(task.id)
-            if crc is not None and task.file in intact \
-                    and _crc_of(os.path.join(self.wdir, task.file), task.begin, task.end) == crc:
+            crcs = recorded.get(task.id)
+            if crcs is None or len(crcs) != len(wdirs) or task.file not in intact:
+                continue
+            if all(_crc_of(os.path.join(w, task.file), task.begin, task.end) == c for w, c in zip(wdirs, crcs)):
                 done.add(task.id)
         return done
 
@@ -75,7 +79,7 @@ class Journal:
             if size and os.pread(self.fd, 1, size - 1) != b"\n":
                 os.write(self.fd, b"\n")  # end a line torn by a crash, or the next record would join it
         line = json.dumps({"task": task.id, "file": task.file, "begin": task.begin, "end": task.end,
-                           "crc32": result.crc32}) + "\n"
+                           "crc32s": list(result.crc32s)}) + "\n"
         os.write(self.fd, line.encode())
 
     def close(self) -> None:

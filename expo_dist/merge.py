@@ -16,6 +16,7 @@ from .finalize import check_out_dir, clear_outputs, create_shards, finish, side_
 from .index import ModelIndex, index_model
 from .journal import Journal
 from .plan import Plan, Source, make_plan
+from .rules import alphas_for, unused
 from .sources import is_ref
 from .spec import MergeSpec
 
@@ -29,9 +30,12 @@ def sources(index: ModelIndex) -> dict[str, Source]:
 def build_plan(spec: MergeSpec) -> tuple[Plan, ModelIndex, ModelIndex]:
     cache_dir = getattr(spec, "cache_dir", None)
     sft, aligned = index_model(spec.sft, cache_dir), index_model(spec.aligned, cache_dir)
-    plan = make_plan(sources(sft), sources(aligned), alpha_for=lambda name: spec.alpha,
+    rules = spec.rules()
+    plan = make_plan(sources(sft), sources(aligned), alpha_for=alphas_for(spec.alphas, rules),
                      sft_config=sft.config, aligned_config=aligned.config,
                      max_task_bytes=spec.max_task_bytes, max_shard_size=spec.max_shard_size)
+    for rule in unused(rules, plan.decisions):
+        plan.warnings.append(f"alpha rule {rule.describe()} matches no tensor")
     return plan, sft, aligned
 
 
@@ -41,6 +45,7 @@ def fingerprint(plan: Plan, spec: MergeSpec) -> str:
                    | {s.s_file for t in plan.tasks for s in t.segments if s.s_file})
     doc = {
         "alpha": spec.alpha,
+        "alphas": {n: d.alphas for n, d in sorted(plan.decisions.items())},
         "inputs": [_input_identity(f) for f in files],
         "shards": [[s.file, hashlib.sha256(s.layout.header).hexdigest(), s.layout.size] for s in plan.shards],
         "tasks": [[t.file, t.begin, t.end] for t in plan.tasks],
@@ -78,6 +83,8 @@ def prepare_output(spec: MergeSpec, plan: Plan) -> Journal:
                 raise ExpoError(f"--out {out} is not empty; choose an empty folder or pass --overwrite")
         if not journal.exists():
             journal.start(fp)
+        for d in spec.out_dirs():
+            os.makedirs(work_dir(d), exist_ok=True)
     except OSError as e:
         raise ExpoError(os_error_message(e, out)) from None
     return journal
@@ -94,19 +101,21 @@ def os_error_message(e: OSError, path: str) -> str:
     return f"{where}: {e.strerror or e}"
 
 
-def check_space(plan: Plan, out: str, aligned_root: str) -> None:
+def check_space(plan: Plan, out: str, aligned_root: str, wdirs: list[str]) -> None:
     """Refuse to start when the output disk cannot hold what is left to write (staged shards are sparse:
     the blocks they already have count as written)."""
-    wdir = work_dir(out)
-    need = 1 << 20  # manifest, card, index, journal
-    for shard in plan.shards:
-        try:
-            st = os.stat(os.path.join(wdir, shard.file))
-            have = st.st_blocks * 512 if st.st_size == shard.layout.size else 0
-        except OSError:
-            have = 0
-        need += max(0, shard.layout.size - have)
-    need += sum(os.path.getsize(os.path.join(aligned_root, f)) for f in side_files(aligned_root))
+    need = 0
+    for wdir in wdirs:
+        need += 1 << 20  # manifest, card, index, journal
+        for shard in plan.shards:
+            try:
+                st = os.stat(os.path.join(wdir, shard.file))
+                have = st.st_blocks * 512 if st.st_size == shard.layout.size else 0
+            except OSError:
+                have = 0
+            need += max(0, shard.layout.size - have)
+        need += sum(os.path.getsize(os.path.join(aligned_root, f)) for f in side_files(aligned_root))
+    wdir = wdirs[0]
     st = os.statvfs(wdir)
     free = st.f_bavail * st.f_frsize
     if st.f_blocks and free < need:  # f_blocks == 0: the filesystem does not say
@@ -134,18 +143,20 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
 
 
 def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, progress: bool) -> dict:
-    done = journal.verified_done(plan)
+    outs = spec.out_dirs()
+    wdirs = [work_dir(d) for d in outs]
+    done = journal.verified_done(plan, wdirs)
     if done:
         log.warning("%d of %d tasks were already done and check out; redoing the other %d",
                     len(done), len(plan.tasks), len(plan.tasks) - len(done))
-    check_space(plan, spec.out, aligned.root)
-    create_shards(plan, work_dir(spec.out), keep={t.file for t in plan.tasks if t.id in done})
+    check_space(plan, spec.out, aligned.root, wdirs)
+    for wdir in wdirs:
+        create_shards(plan, wdir, keep={t.file for t in plan.tasks if t.id in done})
     started = connect(spec.address)
     try:
-        sched = Scheduler(plan, work_dir(spec.out), spec.workers, spec.max_attempts, skip=done,
-                          on_done=journal.record)
-        left = sum(t.nbytes for t in plan.tasks if t.id not in done)
-        stats = sched.run(Progress(left) if progress else None)
+        sched = Scheduler(plan, wdirs, spec.workers, spec.max_attempts, skip=done, on_done=journal.record)
+        left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
+        stats = sched.run(Progress(left, per_task=len(outs)) if progress else None)
     finally:
         journal.close()
         if started:
@@ -164,18 +175,29 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
     elif stats.nonfinite_out:  # the workers did not count the inputs
         log.warning("%d output elements are NaN or Inf (NaN/Inf in the inputs, or alpha too large for the "
                     "dtype's range?)", stats.nonfinite_out)
-    info = {
-        "sft": spec.sft,
-        "aligned": spec.aligned,
-        "alpha": spec.alpha,
-        "settings": {"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size},
-        "tasks": len(plan.tasks),
-        "tasks_resumed": len(done),
-        "task_attempts": stats.attempts,
-        "workers": stats.workers,
-        "nonfloat_differs": sorted(stats.differs),
-        "nonfinite_out": stats.nonfinite_out,
-        "nonfinite_in": stats.nonfinite_in,
-        "merge_seconds": round(stats.seconds, 3),
-    }
-    return finish(spec.out, plan, aligned.root, info, stats.sealed)
+    manifests = []
+    for k, (out, alpha) in enumerate(zip(outs, spec.alphas)):
+        info = {
+            "sft": spec.sft,
+            "aligned": spec.aligned,
+            "alpha": alpha,
+            "alpha_rules": [r.describe() for r in spec.rules()],
+            "sweep": list(spec.alphas) if spec.sweep else None,
+            "settings": {"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size},
+            "tasks": len(plan.tasks),
+            "tasks_resumed": len(done),
+            "task_attempts": stats.attempts,
+            "workers": stats.workers,
+            "nonfloat_differs": sorted(stats.differs),
+            "nonfinite_out": stats.nonfinite_out,
+            "nonfinite_in": stats.nonfinite_in,
+            "bytes_read": plan.bytes_read - sum(t.in_bytes for t in plan.tasks if t.id in done),
+            "merge_seconds": round(stats.seconds, 3),
+        }
+        manifests.append(finish(out, plan, aligned.root, info, stats.sealed.get(k, {}), variant=k))
+    if spec.sweep:
+        import shutil
+
+        shutil.rmtree(work_dir(spec.out), ignore_errors=True)
+        return {**manifests[0], "outputs": {f"{a:g}": o for a, o in zip(spec.alphas, outs)}}
+    return manifests[0]

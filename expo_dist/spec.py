@@ -19,7 +19,7 @@ DEFAULT_SHARD_SIZE = "5GB"
 class MergeSpec:
     sft: str
     aligned: str
-    alpha: float
+    alpha: float | list[float]  # several values: a sweep, one output folder per alpha, one read of the inputs
     out: str | None = None
     address: str | None = None
     workers: int | None = None
@@ -28,6 +28,26 @@ class MergeSpec:
     overwrite: bool = False
     max_attempts: int = 4
     cache_dir: str | None = None  # Hugging Face Hub cache for Hub sources (default: HF_HUB_CACHE / HF_HOME)
+    alpha_rules: list | None = None  # per-tensor alpha: see expo_dist.rules
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        return tuple(self.alpha) if isinstance(self.alpha, (list, tuple)) else (self.alpha,)
+
+    @property
+    def sweep(self) -> bool:
+        return isinstance(self.alpha, (list, tuple))
+
+    def out_dirs(self) -> list[str]:
+        """One output folder; with a sweep OUT/alpha-<value>/ for each alpha."""
+        if not self.sweep:
+            return [self.out]
+        return [os.path.join(self.out, f"alpha-{a:g}") for a in self.alphas]
+
+    def rules(self):
+        from .rules import parse_rules
+
+        return parse_rules(self.alpha_rules)
 
     def validate(self, need_out: bool = True) -> "MergeSpec":
         for key in ("sft", "aligned"):
@@ -35,19 +55,33 @@ class MergeSpec:
                 raise ExpoError(f"missing --{key} (a model folder or Hub repo id)")
         if need_out and not self.out:
             raise ExpoError("missing --out (the output folder)")
-        try:
-            alpha = float(self.alpha)
-        except (TypeError, ValueError):
-            raise ExpoError(f"--alpha must be a number, got {self.alpha!r}") from None
-        if not math.isfinite(alpha):
-            raise ExpoError(f"--alpha must be a finite number, got {self.alpha!r}")
-        self.alpha = alpha
+        raw = self.alpha
+        if isinstance(raw, str) and "," in raw:
+            raw = [x for x in raw.split(",") if x.strip()]
+        values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        if not values:
+            raise ExpoError("--alpha needs a value")
+        alphas = []
+        for v in values:
+            try:
+                a = float(v)
+            except (TypeError, ValueError):
+                raise ExpoError(f"--alpha must be a number, got {v!r}") from None
+            if not math.isfinite(a):
+                raise ExpoError(f"--alpha must be a finite number, got {v!r}")
+            alphas.append(a)
+        if len({f"{a:g}" for a in alphas}) != len(alphas):
+            raise ExpoError(f"--alpha lists a value twice: {values}")
+        self.alpha = alphas if len(alphas) > 1 else alphas[0]
+        self.rules()  # refuse bad rules before any work
         self.max_task_bytes = parse_size(self.max_task_bytes)
         self.max_shard_size = parse_size(self.max_shard_size)
         if self.max_task_bytes < 1 << 20:
             raise ExpoError("--max-task-bytes must be at least 1MiB")
         if self.max_shard_size <= 0:
             raise ExpoError("--max-shard-size must be positive")
+        if int(self.max_attempts) < 1:
+            raise ExpoError("--max-attempts must be at least 1")
         if self.workers is not None and int(self.workers) < 1:
             raise ExpoError("--workers must be at least 1")
         if self.out:

@@ -37,7 +37,7 @@ def _test_faults(task_id: int, default_delay: float) -> float:
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class MergeWorker:
-    def __init__(self, out_dir: str, device: str):
+    def __init__(self, out_dirs: list[str], device: str):
         import torch
 
         from .execute import Runner
@@ -45,8 +45,7 @@ class MergeWorker:
         torch.set_num_threads(1)
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-        self.runner = Runner(out_dir, device)
-        self.out_dir = out_dir
+        self.runner = Runner(out_dirs, device)
         self.hashers: dict[str, FileHasher] = {}
         self.tasks_done = 0
         self.bytes_done = 0
@@ -66,21 +65,24 @@ class MergeWorker:
         self.bytes_done += res.nbytes
         return res
 
-    def hash_advance(self, fname: str, upto: int) -> None:
-        """The first `upto` bytes of fname are final: hash them in the background."""
-        h = self.hashers.get(fname)
-        if h is None:
-            h = self.hashers[fname] = FileHasher(os.path.join(self.out_dir, fname))
-        h.advance(upto)
+    def hash_advance(self, paths: list[str], upto: int) -> None:
+        """The first `upto` bytes of these files are final: hash them in the background."""
+        for path in paths:
+            h = self.hashers.get(path)
+            if h is None:
+                h = self.hashers[path] = FileHasher(path)
+            h.advance(upto)
 
-    def seal(self, fname: str) -> dict:
-        """fsync one output file and return its sha256 (most of it already hashed along the way)."""
-        path = os.path.join(self.out_dir, fname)
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        h = self.hashers.pop(fname, None) or FileHasher(path)
-        return {"file": fname, "sha256": h.finish(size), "size": size}
+    def seal(self, paths: list[str]) -> list[dict]:
+        """fsync output files and return their sha256 (most of each already hashed along the way)."""
+        out = []
+        for path in paths:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            h = self.hashers.pop(path, None) or FileHasher(path)
+            out.append({"file": os.path.basename(path), "sha256": h.finish(size), "size": size})
+        return out

@@ -185,11 +185,11 @@ def test_torn_journal_line_does_not_swallow_the_next_record(tmp_path):
         id, file, begin, end = 3, "f", 0, 1
 
     class R:
-        crc32 = 7
+        crc32s = [7, 9]  # one CRC per output (two with an alpha sweep)
 
     j.record(T, R)
     j.close()
-    assert j.entries() == {1: 5, 3: 7}
+    assert j.entries() == {1: [5], 3: [7, 9]}
 
 
 def test_other_plan_refused_then_overwrite(local_ray, killed, pair, tmp_path, capsys):
