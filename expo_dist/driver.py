@@ -82,11 +82,11 @@ class Scheduler:
     """Hands tasks to actors, keeping each output file on one node where it can."""
 
     def __init__(self, plan: Plan, out_dirs: str | list[str], workers: int | None, max_attempts: int,
-                 skip: set[int] = frozenset(), on_done: Callable | None = None):
+                 skip: set[int] = frozenset(), on_done: Callable | None = None, cache_dir: str | None = None):
         import ray
 
         self.ray = ray
-        self.plan, self.max_attempts = plan, max_attempts
+        self.plan, self.max_attempts, self.cache_dir = plan, max_attempts, cache_dir
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.on_done = on_done
         self.todo: dict[str, deque[Task]] = defaultdict(deque)
@@ -124,8 +124,11 @@ class Scheduler:
     def _spawn(self):
         from .worker import MergeWorker
 
-        a = MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **self.opts).remote(
-            self.out_dirs, self.device)
+        from .sources import worker_env
+
+        a = MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0,
+                                runtime_env={"env_vars": worker_env()}, **self.opts).remote(
+            self.out_dirs, self.device, self.cache_dir)
         return a
 
     def _start_actors(self, k: int) -> None:
@@ -168,6 +171,11 @@ class Scheduler:
         self._start_actors(self.n)
         try:
             self._loop(progress, t0)
+            for a, info in list(self.actors.items()):  # which Hub files each worker fetched
+                try:
+                    info["fetched"] = self.ray.get(a.fetched.remote(), timeout=60)
+                except Exception as e:  # pragma: no cover - a worker lost at the very end
+                    info["fetched_error"] = _first_line(e)
         finally:  # on failure too: on a shared cluster, live actors would keep holding their CPUs / GPUs
             for a in list(self.actors) + list(self.starting):
                 try:

@@ -21,6 +21,7 @@ from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
 from .kernel import Kernel
 from .plan import COPY, EXTRAPOLATE, Task
+from .sources import local_path
 
 CHUNK_BYTES = 16 << 20  # output bytes per window
 SLOTS = 2  # windows in flight per stage
@@ -131,7 +132,8 @@ class Runner:
     """Runs tasks into one output folder, or into several (one per alpha of a sweep, same layout)."""
 
     def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
-                 max_fds: int = 64):
+                 max_fds: int = 64, cache_dir: str | None = None):
+        self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.device = torch.device(device)
         self.kernel = Kernel(self.device)
@@ -150,7 +152,7 @@ class Runner:
         fd = fds.pop(path, None)
         if fd is None:
             try:
-                fd = os.open(path, os.O_WRONLY if write else os.O_RDONLY)
+                fd = os.open(path if write else local_path(path, self.cache_dir), os.O_WRONLY if write else os.O_RDONLY)
             except OSError as e:
                 raise MergeFailed(f"{path}: cannot open ({e.strerror})") from None
             if not write and hasattr(os, "posix_fadvise"):

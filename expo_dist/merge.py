@@ -154,7 +154,8 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
         create_shards(plan, wdir, keep={t.file for t in plan.tasks if t.id in done})
     started = connect(spec.address)
     try:
-        sched = Scheduler(plan, wdirs, spec.workers, spec.max_attempts, skip=done, on_done=journal.record)
+        sched = Scheduler(plan, wdirs, spec.workers, spec.max_attempts, skip=done, on_done=journal.record,
+                          cache_dir=spec.cache_dir)
         left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
         stats = sched.run(Progress(left, per_task=len(outs)) if progress else None)
     finally:

@@ -37,7 +37,7 @@ def _test_faults(task_id: int, default_delay: float) -> float:
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class MergeWorker:
-    def __init__(self, out_dirs: list[str], device: str):
+    def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None):
         import torch
 
         from .execute import Runner
@@ -45,7 +45,7 @@ class MergeWorker:
         torch.set_num_threads(1)
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-        self.runner = Runner(out_dirs, device)
+        self.runner = Runner(out_dirs, device, cache_dir=cache_dir)
         self.hashers: dict[str, FileHasher] = {}
         self.tasks_done = 0
         self.bytes_done = 0
@@ -64,6 +64,12 @@ class MergeWorker:
         self.tasks_done += 1
         self.bytes_done += res.nbytes
         return res
+
+    def fetched(self) -> list[dict]:
+        """The Hub weight files this worker fetched (or found in its node's cache)."""
+        from . import sources
+
+        return sources.fetched()
 
     def hash_advance(self, paths: list[str], upto: int) -> None:
         """The first `upto` bytes of these files are final: hash them in the background."""
