@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install -q "torch==${EXPO_TORCH_VERSION:-2.13.0}"
+    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q "torch==${EXPO_TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[test]" 2>&1 | grep -v "Running pip as the 'root' user" || true
+PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q -e ".[${EXPO_EXTRAS:-test}]"
 "$PY" -c "import expo_dist, torch, ray, safetensors, transformers, huggingface_hub, psutil" \
     || { echo "setup: expo_dist's dependencies did not install" >&2; exit 1; }
