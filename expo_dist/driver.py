@@ -103,6 +103,10 @@ class Scheduler:
         for t in sorted(plan.tasks, key=lambda t: t.begin):
             self.by_file[t.file].append(t)
         self.done_ids: set[int] = set(skip)
+        self.file_inputs: dict[str, set[str]] = defaultdict(set)  # output file -> input files its tasks read
+        for t in plan.tasks:
+            self.file_inputs[t.file].update(t.input_files)
+        self.node_inputs: dict[str, set[str]] = defaultdict(set)  # node -> input files its workers read
         self.frontier: dict[str, int] = {s.file: 0 for s in plan.shards}  # index of the first unfinished task
         self.hashed_to: dict[str, int] = {}  # file -> bytes the hasher was told are final
         self.hasher: dict[str, object] = {}  # file -> actor hashing it
@@ -156,7 +160,10 @@ class Scheduler:
     def _next_task(self, node: str) -> Task | None:
         mine = [f for f, n in self.owner.items() if n == node and self.todo[f]]
         if not mine and self.unclaimed:
-            f = self.unclaimed.popleft()
+            # prefer the output file whose inputs this node already read (Hub inputs: already in its cache)
+            have = self.node_inputs.get(node, set())
+            f = max(self.unclaimed, key=lambda f: len(self.file_inputs[f] & have)) if have else self.unclaimed[0]
+            self.unclaimed.remove(f)
             self.owner[f] = node
             mine = [f]
         if mine:
@@ -263,6 +270,7 @@ class Scheduler:
                     progress.add(result.nbytes)
                 self.remaining[payload.file] -= 1
                 self.done_ids.add(payload.id)
+                self.node_inputs[info["node_id"]].update(payload.input_files)
                 self._advance_hash(payload.file, pending, actor)
                 if self.remaining[payload.file] == 0:
                     log.info("all tasks of %s done at %.2fs", payload.file, time.monotonic() - t0)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 
 from . import __version__
 from .driver import Progress, Scheduler, connect

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .execute import CHUNK_BYTES
+from .execute import CHUNK_BYTES, SLOTS
 from .plan import Plan
 
 
@@ -15,14 +15,17 @@ def plan_report(plan: Plan, spec) -> dict:
         "sft": spec.sft,
         "aligned": spec.aligned,
         "alpha": spec.alpha,
+        "alpha_rules": [r.describe() for r in spec.rules()],
+        "outputs": spec.out_dirs() if spec.out else None,
         "tensors": dict(ops),
         "decisions": {n: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "note": d.note}
                       for n, d in plan.decisions.items() if d.op != "extrapolate"},
         "bytes_read": plan.bytes_read,
-        "bytes_written": plan.bytes_written,
+        "bytes_written": plan.bytes_written * plan.n_out,
         "tasks": len(plan.tasks),
         "largest_task_bytes": largest,
-        "worker_buffer_bytes": 9 * CHUNK_BYTES,
+        # per worker: SLOTS windows of (aligned input + SFT input + one buffer per output), bf16 inputs
+        "worker_buffer_bytes": SLOTS * (2 + plan.n_out) * CHUNK_BYTES,
         "shards": [{"file": s.file, "bytes": s.layout.size, "tensors": len(s.layout.tensors)} for s in plan.shards],
         "warnings": plan.warnings,
     }

@@ -23,7 +23,7 @@ def _bf16_exact_slow(v: float) -> int:
     a = Fraction(abs(v))
     if a == 0:
         return sign
-    best, best_err = 0, None
+    best = 0
     # candidates: all finite bf16 magnitudes near a; search by binary exponent
     lo = 0
     hi = 0x7F80  # inf
@@ -149,3 +149,15 @@ def assert_exact(out_dir: str, sft_dir: str, aligned_dir: str, alpha: float, tie
             raise AssertionError(f"{name}: {bad} of {len(w)} bytes differ from the float64 reference")
         n += got[name].numel()
     return n
+
+
+def weights(folder) -> list[str]:
+    """The weight files and index of a model folder."""
+    return sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".index.json")))
+
+
+def assert_same(out, baseline) -> None:
+    """Two model folders hold byte-identical weight files and index."""
+    assert weights(out) == weights(baseline)
+    for f in weights(baseline):
+        assert (out / f).read_bytes() == (baseline / f).read_bytes(), f

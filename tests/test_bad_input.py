@@ -31,17 +31,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.json")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """conftest's local_ray, but always a Ray of its own (address="local"): a plain ray.init() joins whatever
-    cluster /tmp/ray/ray_current_cluster names (anyone's `ray start` on this machine)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import time
 import psutil
 import pytest
 
+from reference import assert_same
+
 from expo_dist.cli import main
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
@@ -87,14 +89,6 @@ def baseline(cluster, pair, faults, tmp_path_factory):
     return out
 
 
-def weights(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".index.json")))
-
-
-def assert_same(out, baseline):
-    assert weights(out) == weights(baseline)
-    for f in weights(baseline):
-        assert (out / f).read_bytes() == (baseline / f).read_bytes(), f
 
 
 def journal_lines(out):

@@ -16,6 +16,8 @@ import time
 import psutil
 import pytest
 
+from reference import assert_same, weights
+
 from expo_dist.cli import main
 from expo_dist.journal import Journal
 from expo_dist.merge import run
@@ -31,17 +33,6 @@ SHAPE = dict(hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8,
              sft_shard_bytes=7_000_000, aligned_shard_bytes=5_000_000)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """conftest's local_ray, but always a Ray of its own (address="local"): a plain ray.init() joins whatever
-    cluster /tmp/ray/ray_current_cluster names (anyone's `ray start` on this machine)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +54,6 @@ def argv(pair, out, *extra, alpha=ALPHA):
             *SETTINGS, "-q", "--json", *extra]
 
 
-def weights(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".index.json")))
-
-
-def assert_same(out, baseline):
-    assert weights(out) == weights(baseline)
-    for f in weights(baseline):
-        assert (out / f).read_bytes() == (baseline / f).read_bytes(), f
 
 
 def journal_tasks(out):
