@@ -26,6 +26,7 @@ from .errors import ExpoError
 from .finalize import INDEX, MANIFEST, WORK, side_files
 from .index import ModelIndex, index_model
 from .plan import COPY, EXTRAPOLATE, Segment, make_plan, natural_key
+from .rules import alphas_for, parse_rules
 
 CHUNK_ELEMS = 1 << 20  # elements per read: ~40 MB of buffers (two float64 inputs, their raw bytes, the result)
 HASH_CHUNK = 16 << 20
@@ -169,6 +170,15 @@ def check_structure(out: str, report: Report, say: Callable[[str], None]) -> Mod
     return idx
 
 
+def _manifest_rules(out: str):
+    """The per-tensor alpha rules the merge recorded in its manifest (none for older manifests)."""
+    try:
+        with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
+            return parse_rules(json.load(f).get("alpha_rules") or None)
+    except (OSError, ValueError):
+        return []
+
+
 def _sources(index: ModelIndex):
     from .merge import sources
 
@@ -182,7 +192,8 @@ def check_values(out_idx: ModelIndex, sft_root: str, aligned_root: str, alpha: f
     report.with_inputs = True
     sft, aligned = index_model(sft_root), index_model(aligned_root)
     big = 1 << 62  # one shard, one task: each tensor's segments in plain element order
-    plan = make_plan(_sources(sft), _sources(aligned), alpha_for=lambda name: alpha, sft_config=sft.config,
+    plan = make_plan(_sources(sft), _sources(aligned), alpha_for=alphas_for((alpha,), _manifest_rules(out_idx.root)),
+                     sft_config=sft.config,
                      aligned_config=aligned.config, max_task_bytes=big, max_shard_size=big)
     want = {n: d for n, d in plan.decisions.items() if d.op != "dropped-tied"}
     have = out_idx.tensors

@@ -46,3 +46,24 @@ def test_rules_give_each_tensor_its_alpha(local_ray, tmp_path):
     assert man["tensors"]["model.layers.2.mlp.up_proj.weight"]["alpha"] == 0.2
     assert man["alpha_rules"] == rules
     assert "model.embed_tokens.*" in (out / "README.md").read_text()
+
+
+def test_verify_follows_the_recorded_rules(local_ray, tmp_path, capsys):
+    from expo_dist.cli import main
+
+    sft, aligned = make_pair(tmp_path / "p", num_layers=2, seed=10)
+    out = tmp_path / "o"
+    run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.4, out=str(out),
+                  alpha_rules=[{"match": "model.layers.1.*", "alpha": 0.1}]), progress=False)
+    assert main(["verify", str(out), "--sft", str(sft), "--aligned", str(aligned), "--full"]) == 0
+    assert capsys.readouterr().out.startswith("verify: OK")
+    # a folder whose rule tensors were made with the plain alpha fails
+    other = tmp_path / "plain"
+    run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.4, out=str(other)), progress=False)
+    import json as _json
+
+    man = _json.loads((other / "expo_manifest.json").read_text())
+    man["alpha_rules"] = [{"match": "model.layers.1.*", "alpha": 0.1}]
+    (other / "expo_manifest.json").write_text(_json.dumps(man))
+    assert main(["verify", str(other), "--sft", str(sft), "--aligned", str(aligned), "--full"]) == 1
+    assert "model.layers.1." in capsys.readouterr().out
