@@ -15,6 +15,17 @@ DEFAULT_TASK_BYTES = 256 << 20
 DEFAULT_SHARD_SIZE = "5GB"
 
 
+def parse_alpha(value) -> float:
+    """A finite alpha, or one line saying what is wrong."""
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise ExpoError(f"--alpha must be a number, got {value!r}") from None
+    if not math.isfinite(a):
+        raise ExpoError(f"--alpha must be a finite number, got {value!r}")
+    return a
+
+
 @dataclass
 class MergeSpec:
     sft: str
@@ -61,15 +72,7 @@ class MergeSpec:
         values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
         if not values:
             raise ExpoError("--alpha needs a value")
-        alphas = []
-        for v in values:
-            try:
-                a = float(v)
-            except (TypeError, ValueError):
-                raise ExpoError(f"--alpha must be a number, got {v!r}") from None
-            if not math.isfinite(a):
-                raise ExpoError(f"--alpha must be a finite number, got {v!r}")
-            alphas.append(a)
+        alphas = [parse_alpha(v) for v in values]
         if len({f"{a:g}" for a in alphas}) != len(alphas):
             raise ExpoError(f"--alpha lists a value twice: {values}")
         self.alpha = alphas if len(alphas) > 1 else alphas[0]

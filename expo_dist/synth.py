@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import sys
 
 import torch
@@ -68,14 +67,14 @@ def mistral7b_shapes_kwargs(num_layers=8) -> dict:
 
 
 def parse_size(text) -> int:
-    """'5GB' → 5·10⁹, '64MiB' → 64·2²⁰, '1000000' → 10⁶."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", str(text), re.I)
-    if not m:
-        raise ValueError(f"bad size {text!r}: use e.g. 5GB, 64MiB or 1000000")
-    unit = (m.group(2) or "").lower()
-    exp = "kmgt".index(unit[0]) + 1 if unit else 0
-    mult = (1024 if unit.endswith("i") else 1000) ** exp
-    return int(float(m.group(1)) * mult)
+    """'5GB' → 5·10⁹, '64MiB' → 64·2²⁰, '1000000' → 10⁶ (the merger's own parser; ValueError for argparse)."""
+    from .errors import ExpoError
+    from .plan import parse_size as parse
+
+    try:
+        return parse(text)
+    except ExpoError as e:
+        raise ValueError(f"bad size {text!r}: use e.g. 5GB, 64MiB or 1000000") from e
 
 
 def _seed(seed: int, *parts) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -27,6 +26,7 @@ from .finalize import INDEX, MANIFEST, WORK, side_files
 from .index import ModelIndex, index_model
 from .plan import COPY, EXTRAPOLATE, Segment, make_plan, natural_key
 from .rules import alphas_for, parse_rules
+from .spec import parse_alpha
 
 CHUNK_ELEMS = 1 << 20  # elements per read: ~40 MB of buffers (two float64 inputs, their raw bytes, the result)
 HASH_CHUNK = 16 << 20
@@ -356,12 +356,7 @@ def verify(out: str, sft: str | None = None, aligned: str | None = None, alpha: 
                 say(f"alpha {alpha} (from {MANIFEST})")
             except (OSError, ValueError, KeyError, TypeError):
                 raise ExpoError(f"give --alpha: {os.path.join(out, MANIFEST)} does not say which alpha") from None
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise ExpoError(f"--alpha must be a number, got {alpha!r}") from None
-        if not math.isfinite(alpha):
-            raise ExpoError(f"--alpha must be a finite number, got {alpha!r}")
+        alpha = parse_alpha(alpha)
         check_values(idx, _source(sft), _source(aligned), alpha, report, say, sample=sample,
                      seed=seed, chunk_elems=chunk_elems, detail=detail)
     for p in report.problems:
