@@ -170,6 +170,18 @@ def dump(path) -> str:
         return f"<{path}: {e}>"
 
 
+def ray_logs(temp_dir, tail: int = 3000) -> str:
+    """Tails of a Ray node's session logs (the .err/.out files and dashboard/agent logs), for failure messages."""
+    logs = pathlib.Path(temp_dir) / "session_latest" / "logs"
+    parts = []
+    for f in [pathlib.Path(temp_dir) / "head.log", *(sorted(logs.glob("*")) if logs.is_dir() else [])]:
+        if f.is_file() and (f.name == "head.log" or f.suffix in (".err", ".log") or f.name.startswith(("dashboard", "runtime_env"))):
+            text = f.read_text(errors="replace").strip()
+            if text:
+                parts.append(f"--- {f.name} ---\n{text[-tail:]}")
+    return "\n".join(parts) or f"<no Ray logs under {logs}>"
+
+
 @pytest.fixture
 def ray_tmp_cleanup():
     """Collects Ray temp dirs a test created and removes them afterwards."""

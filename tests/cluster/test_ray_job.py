@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import secrets
 import shutil
 import signal
@@ -21,18 +22,22 @@ import urllib.request
 import pytest
 
 from cluster_conftest import (ALPHA, SPLIT_ARGS, assert_exact_output, dump, free_port, make_small_pair,
-                              manifest_workers, processes_of, ray_job_skip_reason, wait_until)
+                              manifest_workers, processes_of, ray_job_skip_reason, ray_logs, wait_until)
 
 pytestmark = pytest.mark.skipif(ray_job_skip_reason() is not None, reason=str(ray_job_skip_reason()))
 
 
 def _dashboard_up(url: str, token: str) -> bool:
-    req = urllib.request.Request(url + "/api/version", headers={"Authorization": "Bearer " + token})
-    try:
-        with urllib.request.urlopen(req, timeout=3) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    """The dashboard answers and its job API is loaded (it comes up after /api/version)."""
+    for path in ("/api/version", "/api/jobs/"):
+        req = urllib.request.Request(url + path, headers={"Authorization": "Bearer " + token})
+        try:
+            with urllib.request.urlopen(req, timeout=3) as r:
+                if r.status != 200:
+                    return False
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def ray_head(tmp_path_factory):
     """A Ray head with dashboard + job server on free ports; yields (dashboard_url, client_env)."""
     # Short temp dir: Ray's unix socket paths live under it (limit 107 bytes).
     tmp = tempfile.mkdtemp(prefix="expo-rj-", dir="/tmp")
-    logdir = tmp_path_factory.mktemp("ray_head")
+    logdir = pathlib.Path(tmp)  # head.log beside Ray's own session logs: ray_logs() shows both
     gcs, dash, client = free_port(), free_port(), free_port()
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -88,8 +93,32 @@ def _job_status(url, sid, env) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+def _submit_and_wait(url, env, tmp, sid, wd, entrypoint, timeout=600) -> tuple[str, str]:
+    """`ray job submit --no-wait`, then poll the job's status until it ends: (status, job logs).
+
+    Polling instead of the CLI's websocket log tail: one HTTP request at a time, and on failure the head's
+    logs say which Ray process went away."""
+    r = _ray(["job", "submit", "--no-wait", "--address", url, "--submission-id", sid, "--working-dir", str(wd),
+              "--", *entrypoint], env)
+    assert r.returncode == 0, f"ray job submit: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n" \
+                              f"{ray_logs(tmp)}"
+    status = {"s": "PENDING"}
+
+    def ended():
+        try:
+            status["s"] = _job_status(url, sid, env)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{ray_logs(tmp)}") from None
+        return status["s"] in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    assert wait_until(ended, timeout, every=1.0), f"job {sid} still {status['s']} after {timeout} s\n{ray_logs(tmp)}"
+    logs = _ray(["job", "logs", "--address", url, sid], env)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    return status["s"], logs.stdout
+
+
 def test_ray_job_submit_merges_exactly(ray_head, tmp_path):
-    url, env, _ = ray_head
+    url, env, tmp = ray_head
     sft, aligned = make_small_pair(tmp_path / "pair")
     out = tmp_path / "out"
     wd = tmp_path / "job_wd"  # the job's working_dir is uploaded: keep it tiny (no models in it)
@@ -97,13 +126,11 @@ def test_ray_job_submit_merges_exactly(ray_head, tmp_path):
     (wd / "README.txt").write_text("working dir of the expo-dist test job\n")
     sid = f"expo-test-{secrets.token_hex(4)}"
     t0 = time.monotonic()
-    r = _ray(["job", "submit", "--address", url, "--submission-id", sid, "--working-dir", str(wd), "--",
-              "expo-dist", "merge", "--sft", str(sft), "--aligned", str(aligned), "--alpha", str(ALPHA),
-              "--out", str(out), "--address", "auto", *SPLIT_ARGS], env, timeout=600)
-    assert r.returncode == 0, f"ray job submit: exit {r.returncode}\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
-    assert _job_status(url, sid, env) == "SUCCEEDED", r.stdout[-4000:]
-    logs = _ray(["job", "logs", "--address", url, sid], env)
-    assert str(out) in logs.stdout, logs.stdout[-4000:]  # expo-dist prints the output path on stdout
+    status, logs = _submit_and_wait(url, env, tmp, sid, wd, [
+        "expo-dist", "merge", "--sft", str(sft), "--aligned", str(aligned), "--alpha", str(ALPHA),
+        "--out", str(out), "--address", "auto", *SPLIT_ARGS])
+    assert status == "SUCCEEDED", f"{logs[-6000:]}\n{ray_logs(tmp)}"
+    assert str(out) in logs, logs[-4000:]  # expo-dist prints the output path on stdout
 
     workers = manifest_workers(out)
     assert sum(w["tasks"] for w in workers) > 0, workers
@@ -124,15 +151,13 @@ def test_ray_job_cli_without_token_is_refused(ray_head):
 
 
 def test_ray_job_submit_failing_merge_is_failed(ray_head, tmp_path):
-    url, env, _ = ray_head
+    url, env, tmp = ray_head
     wd = tmp_path / "job_wd"
     wd.mkdir()
     sid = f"expo-test-fail-{secrets.token_hex(4)}"
-    r = _ray(["job", "submit", "--address", url, "--submission-id", sid, "--working-dir", str(wd), "--",
-              "expo-dist", "merge", "--sft", str(tmp_path / "no-sft"), "--aligned", str(tmp_path / "no-aligned"),
-              "--alpha", str(ALPHA), "--out", str(tmp_path / "out"), "--address", "auto"], env, timeout=300)
-    assert r.returncode != 0, r.stdout[-4000:]
-    assert _job_status(url, sid, env) == "FAILED"
-    logs = _ray(["job", "logs", "--address", url, sid], env).stdout
+    status, logs = _submit_and_wait(url, env, tmp, sid, wd, [
+        "expo-dist", "merge", "--sft", str(tmp_path / "no-sft"), "--aligned", str(tmp_path / "no-aligned"),
+        "--alpha", str(ALPHA), "--out", str(tmp_path / "out"), "--address", "auto"], timeout=300)
+    assert status == "FAILED", logs[-4000:]
     assert "no-sft" in logs, logs[-4000:]  # expo-dist's one-line error names the missing folder
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
