@@ -177,7 +177,7 @@ def ray_logs(temp_dir, tail: int = 3000) -> str:
     for f in [pathlib.Path(temp_dir) / "head.log", *(sorted(logs.glob("*")) if logs.is_dir() else [])]:
         if f.name.startswith(("python-core-", "worker-", "events")):
             continue  # one per worker process: too many; the node daemons' logs say who died
-        if f.is_file() and (f.name == "head.log" or f.suffix in (".err", ".log") or f.name.startswith(("dashboard", "runtime_env"))):
+        if f.is_file() and (f.name == "head.log" or f.suffix in (".err", ".log") or f.name.startswith(("dashboard", "runtime_env", "raylet", "gcs_server"))):
             text = f.read_text(errors="replace").strip()
             if text:
                 parts.append(f"--- {f.name} ---\n{text[-tail:]}")
