@@ -128,7 +128,7 @@ class Scheduler:
     def _spawn(self):
         from .worker import MergeWorker
 
-        from .sources import worker_env
+        from .fetch import worker_env
 
         a = MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0,
                                 runtime_env={"env_vars": worker_env()}, **self.opts).remote(

@@ -21,7 +21,7 @@ from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
 from .kernel import Kernel
 from .plan import COPY, EXTRAPOLATE, Task
-from .sources import local_path
+from .fetch import local_path
 
 CHUNK_BYTES = 16 << 20  # output bytes per window
 SLOTS = 2  # windows in flight per stage

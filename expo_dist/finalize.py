@@ -77,6 +77,18 @@ def side_files(aligned_root: str) -> list[str]:
             if os.path.isfile(os.path.join(aligned_root, name)) and is_side_file(name)]
 
 
+def _card_id(source: str) -> str:
+    """How the card's base_model names a source: a Hub repo by its bare id (the Hub links it; the revision is in
+    the text and the manifest), a folder by its path. Quoted, so that any path is valid YAML."""
+    from .sources import parse_source
+
+    try:
+        spec = parse_source(str(source))
+    except Exception:  # noqa: BLE001 - the card names what the user typed when it is not a valid source any more
+        spec = None
+    return json.dumps(spec.repo_id if spec is not None and spec.repo_id else str(source))
+
+
 def model_card(spec_info: dict) -> str:
     sft, aligned, alpha = spec_info["sft"], spec_info["aligned"], spec_info["alpha"]
     rules = spec_info.get("alpha_rules") or []
@@ -87,8 +99,8 @@ def model_card(spec_info: dict) -> str:
                   if rules else "")
     return f"""---
 base_model:
-- {aligned}
-- {sft}
+- {_card_id(aligned)}
+- {_card_id(sft)}
 tags:
 - expo
 - merge

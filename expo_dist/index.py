@@ -21,7 +21,7 @@ BIN_SINGLE_NAME = "pytorch_model.bin"
 
 @dataclass(frozen=True)
 class TensorRef:
-    file: str  # absolute path, or hf://org/name@<commit>/<file> (sources.local_path resolves it on a worker)
+    file: str  # absolute path, or hf://org/name@<commit>/<file> (fetch.local_path resolves it on a worker)
     entry: TensorEntry
 
     @property

@@ -96,7 +96,7 @@ class _Files:
 def _local(path: str) -> str:
     """A weight file of a Hub input is named by an hf:// ref: its file in the local Hugging Face cache."""
     if path.startswith("hf://"):
-        from .sources import local_path
+        from .fetch import local_path
 
         return local_path(path)
     return path

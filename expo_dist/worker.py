@@ -67,9 +67,9 @@ class MergeWorker:
 
     def fetched(self) -> list[dict]:
         """The Hub weight files this worker fetched (or found in its node's cache)."""
-        from . import sources
+        from . import fetch
 
-        return sources.fetched()
+        return fetch.fetched()
 
     def hash_advance(self, paths: list[str], upto: int) -> None:
         """The first `upto` bytes of these files are final: hash them in the background."""

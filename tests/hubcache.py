@@ -177,6 +177,7 @@ class FakeHub:
         self.lock = threading.Lock()
         self.served: dict[tuple[str, str], int] = {}  # (repo, path) -> body bytes sent by GET /resolve
         self.log: list[tuple] = []  # (method, path, range header)
+        self.failures: dict[tuple[str, str], list[int]] = {}  # (method, file) -> statuses for its next requests
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -204,6 +205,11 @@ class FakeHub:
     def add_repo(self, repo_id: str, folder, *, gated_token: str | None = None, **kw) -> str:
         repo = self.repos.setdefault(repo_id, HubRepo(repo_id, gated_token))
         return repo.add_commit(folder, **kw)
+
+    def fail_next(self, fpath: str, *statuses: int, method: str = "GET") -> None:
+        """Answer the next `method` requests for fpath with these statuses, in order (0: drop the connection)."""
+        with self.lock:
+            self.failures.setdefault((method, fpath), []).extend(statuses)
 
     def reset_stats(self):
         with self.lock:
@@ -290,6 +296,15 @@ class FakeHub:
             if repo is None:
                 return
             fpath = unquote(m.group(3))
+            with self.lock:
+                fail = self.failures.get(("HEAD" if head else "GET", fpath))
+                status = fail.pop(0) if fail else None
+            if status == 0:
+                h.close_connection = True
+                h.connection.shutdown(2)  # no answer at all: the client sees the connection reset
+                return
+            if status is not None:
+                return self._error(h, status, "Unavailable", f"try again later ({status})", head)
             f = repo.commits[commit].get(fpath)
             if f is None:
                 return self._error(h, 404, "EntryNotFound", f"{fpath} does not exist", head, commit)

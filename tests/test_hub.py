@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import expo_dist.execute
-from expo_dist import sources
+from expo_dist import fetch, sources
 from expo_dist.errors import ExpoError
 from expo_dist.index import index_model
 from expo_dist.synth import make_pair
@@ -29,7 +29,7 @@ SFT, DPO = "org/sft-model", "org/dpo-model"
 WIRED = hasattr(expo_dist.execute, "local_path")
 needs_wiring = pytest.mark.skipif(
     not WIRED, reason="execute.Runner does not resolve hf:// weight refs yet: Runner._fd must call "
-                      "sources.local_path(ref, cache_dir) (lead's wiring, see the issue-4 report)")
+                      "fetch.local_path(ref, cache_dir) (lead's wiring, see the issue-4 report)")
 SIDE = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "chat_template.jinja")
 
@@ -132,7 +132,7 @@ def test_parse_source(tmp_path):
         sources.parse_source("org/na--me")
     ref = sources.make_ref("org/name", "a" * 40, "model-00001-of-00002.safetensors")
     assert sources.parse_ref(ref) == ("org/name", "a" * 40, "model-00001-of-00002.safetensors")
-    assert sources.local_path("/some/plain/path") == "/some/plain/path"
+    assert fetch.local_path("/some/plain/path") == "/some/plain/path"
     with pytest.raises(ExpoError):
         sources.parse_ref("hf://org/name@main/x")  # refs are always pinned to a commit
 
@@ -334,6 +334,11 @@ def test_merge_repo_ids_offline_with_hf_home(world, tmp_path):
     assert names == {(SFT, n) for n in weight_names(w["p1"][0])} | {(DPO, n) for n in weight_names(w["p1"][1])}
     assert not any(x["downloaded"] for x in recs)  # all in the cache already
     assert all(sources.parse_ref(x["ref"])[1] in (w["sft_commit"], w["v1"]) for x in recs)
+    import yaml
+
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == [DPO, SFT]  # bare ids: the Hub links them
+    assert f"`{DPO}@{w['v1']}`" in card  # the text says which revision
 
 
 @needs_wiring
@@ -470,11 +475,11 @@ def test_local_path_fetches_once_per_node_cache(hub, big, tmp_path):
     ref = sources.make_ref(SFT, commit, name)
     code = textwrap.dedent(f"""
         import json
-        from expo_dist import sources
-        p1 = sources.local_path({ref!r})
-        p2 = sources.local_path({ref!r})
-        assert p1 == p2 and sources.local_path("/x/y") == "/x/y"
-        print(json.dumps({{"path": p1, "fetched": sources.fetched()}}))
+        from expo_dist import fetch
+        p1 = fetch.local_path({ref!r})
+        p2 = fetch.local_path({ref!r})
+        assert p1 == p2 and fetch.local_path("/x/y") == "/x/y"
+        print(json.dumps({{"path": p1, "fetched": fetch.fetched()}}))
     """)
     env = clean_env(HF_ENDPOINT=hub.url, HF_HUB_CACHE=tmp_path / "node-cache")
     outs = []
@@ -491,6 +496,60 @@ def test_local_path_fetches_once_per_node_cache(hub, big, tmp_path):
     assert not rec2["downloaded"]  # a later process on the same node finds it in the node's cache
     assert hub.bytes_served(SFT, name) == os.path.getsize(sft / name)  # downloaded exactly once
     assert hub.bytes_served(SFT) == os.path.getsize(sft / name)  # and nothing else
+
+
+_FETCH_ONE = textwrap.dedent("""
+    import json, sys, time
+    from expo_dist import fetch
+    from expo_dist.errors import ExpoError
+    fetch.BACKOFF_S = 0.05  # the schedule, not its length, is under test
+    t0 = time.monotonic()
+    try:
+        p = fetch.local_path(sys.argv[1])
+        print(json.dumps({"path": p, "fetched": fetch.fetched()}))
+    except ExpoError as e:
+        print(json.dumps({"error": str(e), "seconds": time.monotonic() - t0}))
+""")
+
+
+@pytest.mark.parametrize("failures,ok", [((503, 502), True), ((500, 503, 504, 500, 503, 503), False),
+                                          ((404,), False), ((403,), False)])
+def test_local_path_retries_transient_hub_errors(hub, big, tmp_path, failures, ok):
+    """A worker's download that the Hub answers with 5xx is tried again (huggingface_hub itself retries only the
+    metadata call, dropped connections and 408/429 on the download), up to EXPO_HUB_ATTEMPTS tries; an answer that
+    will not change (404, 403) fails at once, naming the file."""
+    (sft, _), _ = big
+    commit = next(iter(hub.repos[SFT].commits))
+    name = weight_names(sft)[1]
+    ref = sources.make_ref(SFT, commit, name)
+    hub.reset_stats()
+    hub.fail_next(name, *failures)
+    env = clean_env(HF_ENDPOINT=hub.url, HF_HUB_CACHE=tmp_path / "node-cache", EXPO_HUB_ATTEMPTS="6",
+                    HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+    try:
+        r = subprocess.run([sys.executable, "-c", _FETCH_ONE, ref], env=env, capture_output=True, text=True,
+                           timeout=180)
+    finally:
+        left = hub.failures.pop(("GET", name), [])
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    requests = [x for x in hub.log if x[0] == "GET" and x[1].endswith("/" + name)]
+    if ok:
+        [rec] = res["fetched"]
+        assert pathlib.Path(res["path"]).read_bytes() == (sft / name).read_bytes()
+        assert rec["downloaded"] and rec["attempts"] == len(failures) + 1, rec
+        assert not left
+        assert "trying again" in r.stderr and name in r.stderr
+    else:
+        assert "error" in res, res
+        assert name in res["error"] and SFT in res["error"], res["error"]
+        if len(failures) > 1:  # transient every time: gave up after EXPO_HUB_ATTEMPTS tries, and says so
+            assert not left and len(requests) == 6, requests
+            assert "after 6 tries" in res["error"], res["error"]
+        else:  # 404 / 403: never retried
+            assert len(requests) == 1, requests
+            assert "trying again" not in r.stderr
+        assert not list((tmp_path / "node-cache").rglob(name)), "a failed download left a file in the cache"
 
 
 @needs_wiring
