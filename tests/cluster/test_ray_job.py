@@ -7,7 +7,6 @@ Skipped without ray[default].
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import secrets
