@@ -8,7 +8,6 @@ whatever the size of the model or of the task.
 
 from __future__ import annotations
 
-import errno
 import os
 import zlib
 from collections import OrderedDict
@@ -19,6 +18,7 @@ import torch
 
 from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
+from .fileio import pread_into, pwrite_all
 from .kernel import Kernel
 from .plan import COPY, EXTRAPOLATE, Task
 from .fetch import local_path
@@ -88,29 +88,6 @@ def windows(task: Task, chunk: int) -> list[Window]:
                 cur.s_bytes += k * ssz
             done += k
     return out
-
-
-def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise MergeFailed(f"{path}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
-        done += n
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    try:
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MergeFailed(f"{path}: no space left on the output disk; free space (need the full output size) "
-                              "and rerun the same command to resume") from None
-        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise MergeFailed(f"{path}: output is not writable ({e.strerror})") from None
-        raise
 
 
 class Slot:
@@ -216,7 +193,7 @@ class Runner:
                 else:
                     ops.append([path, off, view, at, at + n])
         for path, off, view, start, end in ops:
-            _pread_into(self._fd(path), view[start:end], off, path)
+            pread_into(self._fd(path), view[start:end], off, path)
 
     def _compute(self, win: Window, slot: Slot, res: TaskResult) -> None:
         dev = self.device
@@ -250,7 +227,7 @@ class Runner:
         for k, path in enumerate(paths):
             fd = self._fd(path, write=True)
             view = memoryview(slot.o[k].numpy())[: win.nbytes]
-            _pwrite_all(fd, view, win.pos, path)
+            pwrite_all(fd, view, win.pos, path)
             crc[k] = zlib.crc32(view, crc[k])
             self._writeback(fd, win.pos, win.nbytes)
 

@@ -9,7 +9,8 @@ import logging
 import os
 
 from . import __version__
-from .driver import Progress, Scheduler, connect
+from .driver import Scheduler
+from .session import Progress, connect
 from .errors import ExpoError, MergeFailed
 from .finalize import check_out_dir, clear_outputs, create_shards, finish, side_files, work_dir
 from .index import ModelIndex, index_model

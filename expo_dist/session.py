@@ -1,0 +1,57 @@
+"""The driver's session: start or join Ray, and the progress line on stderr."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from .errors import ExpoError
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at address, or start an embedded Ray. Returns True if we started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+            return False
+        # address="local": a Ray of our own, even where /tmp/ray/ray_current_cluster names a cluster someone
+        # started on this machine (plain ray.init() would join that one); RAY_ADDRESS still wins (ray job submit)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        return True
+    except ConnectionError as e:
+        raise ExpoError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+class Progress:
+    def __init__(self, total: int, stream=sys.stderr, per_task: int = 1):
+        self.per_task = per_task  # bytes written per task byte (outputs of a sweep)
+        self.total, self.done, self.stream = total, 0, stream
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.tty = stream.isatty()
+
+    def add(self, n: int) -> None:
+        self.done += n * self.per_task
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 5.0) and self.done < self.total:
+            return
+        self.last = now
+        el = max(now - self.t0, 1e-9)
+        rate = self.done / el
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / max(self.total, 1)
+        unit, scale = ("GB", 1e9) if self.total >= 1e9 else ("MB", 1e6)
+        msg = (f"merge {pct:5.1f}%  {self.done / scale:.2f}/{self.total / scale:.2f} {unit}  "
+               f"{rate / 1e9:.2f} GB/s  ETA {eta:5.0f}s")
+        self.stream.write(("\r" + msg) if self.tty else msg + "\n")
+        if self.tty and self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
