@@ -2,8 +2,16 @@
 
 A task's output range is cut into windows of CHUNK_BYTES. Three stages overlap: a reader thread fills the
 input slots of window w+1 with positional reads while the calling thread computes window w and a writer
-thread writes window w-1 (positional writes, CRC-32, early writeback). Memory is two slots of fixed size,
-whatever the size of the model or of the task.
+thread writes window w-1 (positional writes, CRC-32). Memory is two slots of fixed size, whatever the size
+of the model or of the task.
+
+Direct I/O (fileio.direct_ok: local block-device file systems, or EXPO_IO=direct): large reads and the
+block-aligned middle of each write bypass the page cache, which on many machines moves data several times
+faster than the page cache does, and leaves the cache to the OS's other users. For that, every byte sits in
+the slot buffers at an address congruent to its file offset modulo ALIGN, window ends are ALIGN-aligned,
+and only the partial blocks at a task's two ends are written through the page cache (a neighbouring task
+may share those blocks; no block is ever written both ways at once). Without direct I/O, writes go through
+the page cache with early writeback (sync_file_range), so the dirty pages never pile up.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 
 from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
-from .fileio import pread_into, pwrite_all
+from .fileio import ALIGN, align_down, align_up, aligned_empty, direct_ok, open_direct, pread_into, pwrite_all
 from .kernel import Kernel
 from .plan import COPY, EXTRAPOLATE, Task
 from .fetch import local_path
@@ -26,6 +34,7 @@ from .fetch import local_path
 CHUNK_BYTES = 16 << 20  # output bytes per window
 SLOTS = 2  # windows in flight per stage
 WRITEBACK_LAG = 4  # windows: wait for the writeback of the range written this many windows ago
+DIRECT_MIN = 256 << 10  # bytes: shorter reads go through the page cache (neighbouring small tensors)
 
 try:
     from ._ckernel import start_writeback
@@ -55,9 +64,21 @@ class Piece:
     seg: object
     first: int  # element index within the segment
     count: int
-    out_at: int  # byte offset in the window's output buffer
+    out_at: int  # byte offset in the window's output (the buffer holds it at Window.out_base + out_at)
     a_at: int  # byte offset in the slot's aligned-input buffer
     s_at: int  # byte offset in the slot's SFT-input buffer (-1: no SFT bytes)
+
+
+@dataclass
+class Run:
+    """One read: n bytes of a file from offset off, into the slot buffer `which` ("a" or "s") at `at`
+    (at == off mod ALIGN, so the block-aligned superset of the range can be read straight into the buffer)."""
+
+    which: str
+    path: str
+    off: int
+    at: int
+    n: int
 
 
 @dataclass
@@ -65,8 +86,38 @@ class Window:
     pos: int  # absolute output offset
     nbytes: int
     pieces: list[Piece]
-    a_bytes: int
+    a_bytes: int  # extent of the aligned-input buffer this window needs (runs, their alignment, block tails)
     s_bytes: int
+    limit: int = 0  # the most output bytes it may hold (its end then falls on an ALIGN boundary)
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def out_base(self) -> int:
+        return self.pos % ALIGN
+
+
+def _limit(pos: int, chunk: int) -> int:
+    """Output bytes for a window at pos: chunk, trimmed so the window ends on a block boundary."""
+    return chunk - (pos + chunk) % ALIGN if chunk >= 2 * ALIGN else chunk
+
+
+def _place(win: Window, which: str, path: str, off: int, n: int) -> int:
+    """Where n bytes of path at off go in the window's `which` buffer: after the previous run when they
+    continue it in the file, else at the next position congruent to off modulo ALIGN."""
+    prev = next((r for r in reversed(win.runs) if r.which == which), None)
+    if prev is not None and prev.path == path and prev.off + prev.n == off:
+        prev.n += n
+        at = prev.at + prev.n - n
+    else:
+        start = align_up(prev.at + prev.n) if prev is not None else 0
+        at = start + off % ALIGN
+        win.runs.append(Run(which, path, off, at, n))
+    end = align_up(at + n)  # a direct read fills whole blocks
+    if which == "a":
+        win.a_bytes = max(win.a_bytes, end)
+    else:
+        win.s_bytes = max(win.s_bytes, end)
+    return at
 
 
 def windows(task: Task, chunk: int) -> list[Window]:
@@ -76,16 +127,15 @@ def windows(task: Task, chunk: int) -> list[Window]:
         osz, asz, ssz = itemsize(seg.out_dtype), itemsize(seg.a_dtype), itemsize(seg.s_dtype)
         done = 0
         while done < seg.count:
-            if cur is None or cur.nbytes + osz > chunk:
-                cur = Window(cur.pos + cur.nbytes if cur else task.begin, 0, [], 0, 0)
+            if cur is None or cur.nbytes + osz > cur.limit:
+                pos = cur.pos + cur.nbytes if cur else task.begin
+                cur = Window(pos, 0, [], 0, 0, _limit(pos, chunk))
                 out.append(cur)
-            k = min(seg.count - done, (chunk - cur.nbytes) // osz)
-            has_s = seg.s_file is not None
-            cur.pieces.append(Piece(seg, done, k, cur.nbytes, cur.a_bytes, cur.s_bytes if has_s else -1))
+            k = min(seg.count - done, (cur.limit - cur.nbytes) // osz)
+            a_at = _place(cur, "a", seg.a_file, seg.a_offset + done * asz, k * asz)
+            s_at = _place(cur, "s", seg.s_file, seg.s_offset + done * ssz, k * ssz) if seg.s_file is not None else -1
+            cur.pieces.append(Piece(seg, done, k, cur.nbytes, a_at, s_at))
             cur.nbytes += k * osz
-            cur.a_bytes += k * asz
-            if has_s:
-                cur.s_bytes += k * ssz
             done += k
     return out
 
@@ -93,53 +143,68 @@ def windows(task: Task, chunk: int) -> list[Window]:
 class Slot:
     def __init__(self, chunk: int, pin: bool, n_out: int):
         self.pin = pin
-        self.a = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
-        self.s = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
-        self.o = [torch.empty(chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(n_out)]
+        self.a = aligned_empty(chunk + 2 * ALIGN, pin)
+        self.s = aligned_empty(chunk + 2 * ALIGN, pin)
+        self.o = [aligned_empty(chunk + 2 * ALIGN, pin) for _ in range(n_out)]
 
     def fit(self, win: Window) -> None:
-        """Inputs can be wider than the output (float32 SFT into bf16): grow the input buffers if needed."""
+        """Inputs can be wider than the output (float32 SFT into bf16), and runs are placed block-aligned:
+        grow the input buffers when a window needs more."""
         if win.a_bytes > self.a.numel():
-            self.a = torch.empty(win.a_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.a = aligned_empty(win.a_bytes, self.pin)
         if win.s_bytes > self.s.numel():
-            self.s = torch.empty(win.s_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.s = aligned_empty(win.s_bytes, self.pin)
 
 
 class Runner:
     """Runs tasks into one output folder, or into several (one per alpha of a sweep, same layout)."""
 
     def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
-                 max_fds: int = 64, cache_dir: str | None = None):
+                 max_fds: int = 64, cache_dir: str | None = None, direct_min: int = DIRECT_MIN):
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.device = torch.device(device)
         self.kernel = Kernel(self.device)
         self.chunk = max(8, chunk_bytes)
+        self.direct_min = direct_min
         pin = self.device.type == "cuda"
         self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(SLOTS)]
         self.max_fds = max_fds
-        self.rfds: OrderedDict[str, int] = OrderedDict()  # used by the reader thread only
-        self.wfds: OrderedDict[str, int] = OrderedDict()  # used by the writer thread only
+        self.rfds: OrderedDict[tuple[str, bool], int] = OrderedDict()  # used by the reader thread only
+        self.wfds: OrderedDict[tuple[str, bool], int] = OrderedDict()  # used by the writer thread only
+        self.no_direct: set[str] = set()  # files where O_DIRECT was refused: page cache from then on
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="expo-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="expo-write")
         self.written: list[tuple[int, int, int]] = []
+        self.io = {"direct_read": 0, "cached_read": 0, "direct_write": 0, "cached_write": 0}  # bytes
 
-    def _fd(self, path: str, write: bool = False) -> int:
+    def _fd(self, path: str, write: bool = False, direct: bool = False) -> int | None:
+        """A cached descriptor; with direct=True an O_DIRECT one, or None where the file system refuses it."""
         fds = self.wfds if write else self.rfds
-        fd = fds.pop(path, None)
+        key = (path, direct)
+        fd = fds.pop(key, None)
         if fd is None:
+            local = path if write else local_path(path, self.cache_dir)
+            flags = os.O_WRONLY if write else os.O_RDONLY
             try:
-                fd = os.open(path if write else local_path(path, self.cache_dir), os.O_WRONLY if write else os.O_RDONLY)
+                fd = open_direct(local, flags) if direct else os.open(local, flags)
             except OSError as e:
                 raise MergeFailed(f"{path}: cannot open ({e.strerror})") from None
-            if not write and hasattr(os, "posix_fadvise"):
+            if fd is None:
+                self.no_direct.add(path)
+                return None
+            if not write and not direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if len(fds) >= self.max_fds:
                 old = fds.popitem(last=False)[1]
                 self.written = [w for w in self.written if w[0] != old]
                 os.close(old)
-        fds[path] = fd
+        fds[key] = fd
         return fd
+
+    def _direct(self, path: str, n: int) -> bool:
+        return n >= self.direct_min and path not in self.no_direct and direct_ok(
+            path if not path.startswith("hf://") else local_path(path, self.cache_dir))
 
     def close(self) -> None:
         self.reader.shutdown()
@@ -177,31 +242,28 @@ class Runner:
 
     def _read(self, win: Window, slot: Slot) -> None:
         slot.fit(win)
-        a_view, s_view = memoryview(slot.a.numpy()), memoryview(slot.s.numpy())
-        ops: list[list] = []  # coalesced reads: [path, file offset, view, start, end]
-        for p in win.pieces:
-            seg = p.seg
-            wants = [(seg.a_file, seg.a_offset + p.first * itemsize(seg.a_dtype), a_view, p.a_at,
-                      p.count * itemsize(seg.a_dtype))]
-            if p.s_at >= 0:
-                wants.append((seg.s_file, seg.s_offset + p.first * itemsize(seg.s_dtype), s_view, p.s_at,
-                              p.count * itemsize(seg.s_dtype)))
-            for path, off, view, at, n in wants:
-                prev = next((o for o in reversed(ops) if o[2] is view), None)
-                if prev and prev[0] == path and prev[1] + (prev[4] - prev[3]) == off and prev[4] == at:
-                    prev[4] += n
-                else:
-                    ops.append([path, off, view, at, at + n])
-        for path, off, view, start, end in ops:
-            pread_into(self._fd(path), view[start:end], off, path)
+        views = {"a": memoryview(slot.a.numpy()), "s": memoryview(slot.s.numpy())}
+        for r in win.runs:
+            view = views[r.which]
+            if self._direct(r.path, r.n):
+                lo, hi = align_down(r.off), align_up(r.off + r.n)
+                fd = self._fd(r.path, direct=True)
+                if fd is not None:
+                    b = r.at - (r.off - lo)
+                    pread_into(fd, view[b: b + hi - lo], lo, r.path, need=r.off + r.n - lo)
+                    self.io["direct_read"] += r.n
+                    continue
+            pread_into(self._fd(r.path), view[r.at: r.at + r.n], r.off, r.path)
+            self.io["cached_read"] += r.n
 
     def _compute(self, win: Window, slot: Slot, res: TaskResult) -> None:
         dev = self.device
+        base = win.out_base
         for p in win.pieces:
             seg = p.seg
             asz, ssz, osz = itemsize(seg.a_dtype), itemsize(seg.s_dtype), itemsize(seg.out_dtype)
             a_raw = slot.a[p.a_at: p.a_at + p.count * asz]
-            outs_raw = [o[p.out_at: p.out_at + p.count * osz] for o in slot.o]
+            outs_raw = [o[base + p.out_at: base + p.out_at + p.count * osz] for o in slot.o]
             if seg.op == COPY:
                 for out_raw in outs_raw:
                     out_raw.copy_(a_raw)
@@ -224,12 +286,25 @@ class Runner:
             res.nonfinite_in += self.kernel.count_nonfinite(a) + self.kernel.count_nonfinite(s)
 
     def _write(self, paths: list[str], win: Window, slot: Slot, crc: list[int]) -> None:
+        """The window's bytes: its whole blocks directly, its partial blocks (at a task's ends, which a
+        neighbouring task may share) through the page cache."""
+        pos, end, base = win.pos, win.pos + win.nbytes, win.out_base
         for k, path in enumerate(paths):
-            fd = self._fd(path, write=True)
-            view = memoryview(slot.o[k].numpy())[: win.nbytes]
-            pwrite_all(fd, view, win.pos, path)
+            view = memoryview(slot.o[k].numpy())[base: base + win.nbytes]
             crc[k] = zlib.crc32(view, crc[k])
-            self._writeback(fd, win.pos, win.nbytes)
+            lo, hi = align_up(pos), align_down(end)  # (windows end on block boundaries, but the task need not)
+            fd = self._fd(path, write=True, direct=True) if hi - lo >= ALIGN and self._direct(path, hi - lo) else None
+            if fd is None:
+                lo = hi = end  # all through the page cache
+            else:
+                pwrite_all(fd, view[lo - pos: hi - pos], lo, path)
+                self.io["direct_write"] += hi - lo
+            for a, b in ((pos, lo), (hi, end)):
+                if b > a:
+                    cfd = self._fd(path, write=True)
+                    pwrite_all(cfd, view[a - pos: b - pos], a, path)
+                    self.io["cached_write"] += b - a
+                    self._writeback(cfd, a, b - a)
 
     def _writeback(self, fd: int, pos: int, n: int) -> None:
         """Keep the disk writing from the first window on, and bound this worker's dirty pages."""
