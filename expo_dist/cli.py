@@ -30,6 +30,10 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-attempts", type=int, help="runs of one task before the merge fails (default 4)")
     p.add_argument("--cache-dir", help="Hugging Face cache for Hub models, on every node (default: HF_HUB_CACHE, "
                                        "i.e. $HF_HOME/hub); workers fetch only the weight files they read into it")
+    p.add_argument("--io", choices=("auto", "direct", "buffered"),
+                   help="how workers read and write: direct (O_DIRECT: large transfers bypass the page cache), "
+                        "buffered (through the page cache), or auto (default: direct on local ext4/xfs/btrfs, "
+                        "buffered on network and parallel file systems)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -39,7 +43,7 @@ def _spec(args):
 
     overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "workers",
                                                "max_task_bytes", "max_shard_size", "overwrite", "max_attempts",
-                                               "cache_dir")}
+                                               "cache_dir", "io")}
     if overrides["alpha"] is not None and len(overrides["alpha"]) == 1:
         overrides["alpha"] = overrides["alpha"][0]
     return build_spec(args.config, overrides)

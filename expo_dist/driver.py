@@ -35,11 +35,12 @@ class Scheduler:
     """Hands tasks to actors, keeping each output file on one node where it can."""
 
     def __init__(self, plan: Plan, out_dirs: str | list[str], workers: int | None, max_attempts: int,
-                 skip: set[int] = frozenset(), on_done: Callable | None = None, cache_dir: str | None = None):
+                 skip: set[int] = frozenset(), on_done: Callable | None = None, cache_dir: str | None = None,
+                 io: str = "auto"):
         import ray
 
         self.ray = ray
-        self.plan, self.max_attempts, self.cache_dir = plan, max_attempts, cache_dir
+        self.plan, self.max_attempts, self.cache_dir, self.io = plan, max_attempts, cache_dir, io
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.on_done = on_done
         self.todo: dict[str, deque[Task]] = defaultdict(deque)
@@ -59,6 +60,7 @@ class Scheduler:
         self.file_inputs: dict[str, set[str]] = defaultdict(set)  # output file -> input files its tasks read
         for t in plan.tasks:
             self.file_inputs[t.file].update(t.input_files)
+        self.hub = any(f.startswith("hf://") for fs in self.file_inputs.values() for f in fs)
         self.node_inputs: dict[str, set[str]] = defaultdict(set)  # node -> input files its workers read
         self.frontier: dict[str, int] = {s.file: 0 for s in plan.shards}  # index of the first unfinished task
         self.hashed_to: dict[str, int] = {}  # file -> bytes the hasher was told are final
@@ -83,10 +85,12 @@ class Scheduler:
 
         from .fetch import worker_env
 
-        a = MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0,
-                                runtime_env={"env_vars": worker_env()}, **self.opts).remote(
-            self.out_dirs, self.device, self.cache_dir)
-        return a
+        # Hub settings travel with the actors when the plan reads from the Hub. Without a runtime_env an actor
+        # can take one of the idle worker processes Ray started with itself instead of a new process.
+        env = worker_env() if self.hub else {}
+        opts = dict(runtime_env={"env_vars": env}) if env else {}
+        return MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **opts, **self.opts).remote(
+            self.out_dirs, self.device, self.cache_dir, self.io)
 
     def _start_actors(self, k: int) -> None:
         new = [self._spawn() for _ in range(k)]

@@ -26,7 +26,8 @@ import torch
 
 from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
-from .fileio import ALIGN, align_down, align_up, aligned_empty, direct_ok, open_direct, pread_into, pwrite_all
+from .fileio import (ALIGN, align_down, align_up, aligned_empty, direct_ok, io_mode, open_direct, pread_into,
+                     pwrite_all)
 from .kernel import Kernel
 from .plan import COPY, EXTRAPOLATE, Task
 from .fetch import local_path
@@ -160,13 +161,15 @@ class Runner:
     """Runs tasks into one output folder, or into several (one per alpha of a sweep, same layout)."""
 
     def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
-                 max_fds: int = 64, cache_dir: str | None = None, direct_min: int = DIRECT_MIN):
+                 max_fds: int = 64, cache_dir: str | None = None, direct_min: int = DIRECT_MIN,
+                 io: str | None = None):
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.device = torch.device(device)
         self.kernel = Kernel(self.device)
         self.chunk = max(8, chunk_bytes)
         self.direct_min = direct_min
+        self.io_mode = io_mode(io)
         pin = self.device.type == "cuda"
         self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(SLOTS)]
         self.max_fds = max_fds
@@ -204,7 +207,7 @@ class Runner:
 
     def _direct(self, path: str, n: int) -> bool:
         return n >= self.direct_min and path not in self.no_direct and direct_ok(
-            path if not path.startswith("hf://") else local_path(path, self.cache_dir))
+            path if not path.startswith("hf://") else local_path(path, self.cache_dir), self.io_mode)
 
     def close(self) -> None:
         self.reader.shutdown()

@@ -37,10 +37,12 @@ def aligned_empty(n: int, pin: bool = False):
     return raw[skip: skip + n]
 
 
-def io_mode() -> str:
-    mode = os.environ.get(IO_ENV, "auto").strip().lower() or "auto"
+def io_mode(mode: str | None = None) -> str:
+    """The I/O mode: the one given (--io), else EXPO_IO, else auto."""
+    where = "--io" if mode else IO_ENV
+    mode = (mode or os.environ.get(IO_ENV, "auto")).strip().lower() or "auto"
     if mode not in ("auto", "direct", "buffered"):
-        raise ExpoError(f"{IO_ENV}={mode!r}: give auto, direct or buffered")
+        raise ExpoError(f"{where} {mode!r}: give auto, direct or buffered")
     return mode
 
 
@@ -62,9 +64,9 @@ def _fs_type(folder: str) -> str:
     return kind
 
 
-def direct_ok(path: str) -> bool:
+def direct_ok(path: str, mode: str | None = None) -> bool:
     """Whether to try O_DIRECT for this file (see the module's docstring)."""
-    mode = io_mode()
+    mode = io_mode(mode)
     if mode != "auto" or not hasattr(os, "O_DIRECT"):
         return mode == "direct" and hasattr(os, "O_DIRECT")
     return _fs_type(os.path.dirname(os.path.realpath(path))) in DIRECT_FS

@@ -19,8 +19,8 @@ CHUNK = 16 << 20
 
 
 class FileHasher:
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, io: str | None = None):
+        self.path, self.io = path, io
         self.sha = hashlib.sha256()
         self.pos = 0
         self.target = 0
@@ -58,7 +58,7 @@ class FileHasher:
 
     def _loop(self) -> None:
         try:
-            fd = open_direct(self.path, os.O_RDONLY) if direct_ok(self.path) else None
+            fd = open_direct(self.path, os.O_RDONLY) if direct_ok(self.path, self.io) else None
             self.direct = fd is not None
             if fd is None:
                 fd = os.open(self.path, os.O_RDONLY)

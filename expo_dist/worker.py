@@ -37,7 +37,7 @@ def _test_faults(task_id: int, default_delay: float) -> float:
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class MergeWorker:
-    def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None):
+    def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None, io: str = "auto"):
         import torch
 
         from .execute import Runner
@@ -45,7 +45,8 @@ class MergeWorker:
         torch.set_num_threads(1)
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-        self.runner = Runner(out_dirs, device, cache_dir=cache_dir)
+        self.io = io
+        self.runner = Runner(out_dirs, device, cache_dir=cache_dir, io=io)
         self.hashers: dict[str, FileHasher] = {}
         self.tasks_done = 0
         self.bytes_done = 0
@@ -76,7 +77,7 @@ class MergeWorker:
         for path in paths:
             h = self.hashers.get(path)
             if h is None:
-                h = self.hashers[path] = FileHasher(path)
+                h = self.hashers[path] = FileHasher(path, self.io)
             h.advance(upto)
 
     def seal(self, paths: list[str]) -> list[dict]:
@@ -89,6 +90,6 @@ class MergeWorker:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            h = self.hashers.pop(path, None) or FileHasher(path)
+            h = self.hashers.pop(path, None) or FileHasher(path, self.io)
             out.append({"file": os.path.basename(path), "sha256": h.finish(size), "size": size})
         return out
