@@ -10,7 +10,7 @@ import os
 
 from . import __version__
 from .driver import Scheduler
-from .session import Progress, connect
+from .session import Progress, connect, shutdown
 from .errors import ExpoError, MergeFailed
 from .finalize import check_out_dir, clear_outputs, create_shards, finish, side_files, work_dir
 from .index import ModelIndex, index_model
@@ -161,9 +161,7 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
     finally:
         journal.close()
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown()
     if stats.differs:
         log.warning("non-float tensors differ between the models (aligned copied): %s",
                     ", ".join(sorted(stats.differs)))
