@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from . import __version__
@@ -123,14 +124,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="expo-dist: %(message)s")
+    stop_on_sigterm()
     try:
         return args.func(args)
     except ExpoError as e:
         print(f"expo-dist: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("expo-dist: terminated (SIGTERM); Ray stopped, the finished tasks are kept: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("expo-dist: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (scancel, kill, a pre-empted node)."""
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C: the merge's finally blocks close the journal and stop the embedded Ray
+    (its processes would otherwise be left to notice the driver is gone). Only where nobody set a handler."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

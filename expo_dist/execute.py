@@ -22,13 +22,13 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
+from . import ckernel
 from .dtypes import itemsize, torch_dtype
 from .errors import MergeFailed
 from .fileio import (ALIGN, align_down, align_up, aligned_empty, direct_ok, io_mode, open_direct, pread_into,
                      pwrite_all)
-from .kernel import Kernel
 from .plan import COPY, EXTRAPOLATE, Task
 from .fetch import local_path
 
@@ -151,9 +151,9 @@ class Slot:
     def fit(self, win: Window) -> None:
         """Inputs can be wider than the output (float32 SFT into bf16), and runs are placed block-aligned:
         grow the input buffers when a window needs more."""
-        if win.a_bytes > self.a.numel():
+        if win.a_bytes > self.a.size:
             self.a = aligned_empty(win.a_bytes, self.pin)
-        if win.s_bytes > self.s.numel():
+        if win.s_bytes > self.s.size:
             self.s = aligned_empty(win.s_bytes, self.pin)
 
 
@@ -165,12 +165,23 @@ class Runner:
                  io: str | None = None):
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
-        self.device = torch.device(device)
-        self.kernel = Kernel(self.device)
+        self.device = str(device)
+        # CPU with the C kernel: raw bytes in numpy buffers, no torch at all. Otherwise (a GPU, or no C
+        # kernel, or EXPO_KERNEL=torch) the torch ops of kernel.Kernel.
+        self.c_path = self.device == "cpu" and ckernel.available()
+        self.kernel = None
+        if not self.c_path:
+            import torch
+
+            from .kernel import Kernel
+
+            if self.device == "cpu":
+                torch.set_num_threads(1)  # one worker per core
+            self.kernel = Kernel(torch.device(self.device))
         self.chunk = max(8, chunk_bytes)
         self.direct_min = direct_min
         self.io_mode = io_mode(io)
-        pin = self.device.type == "cuda"
+        pin = self.device.startswith("cuda")
         self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(SLOTS)]
         self.max_fds = max_fds
         self.rfds: OrderedDict[tuple[str, bool], int] = OrderedDict()  # used by the reader thread only
@@ -245,7 +256,7 @@ class Runner:
 
     def _read(self, win: Window, slot: Slot) -> None:
         slot.fit(win)
-        views = {"a": memoryview(slot.a.numpy()), "s": memoryview(slot.s.numpy())}
+        views = {"a": memoryview(slot.a), "s": memoryview(slot.s)}
         for r in win.runs:
             view = views[r.which]
             if self._direct(r.path, r.n):
@@ -260,7 +271,6 @@ class Runner:
             self.io["cached_read"] += r.n
 
     def _compute(self, win: Window, slot: Slot, res: TaskResult) -> None:
-        dev = self.device
         base = win.out_base
         for p in win.pieces:
             seg = p.seg
@@ -269,31 +279,45 @@ class Runner:
             outs_raw = [o[base + p.out_at: base + p.out_at + p.count * osz] for o in slot.o]
             if seg.op == COPY:
                 for out_raw in outs_raw:
-                    out_raw.copy_(a_raw)
+                    out_raw[:] = a_raw
                 if p.s_at >= 0 and seg.tensor not in res.differs:
-                    if not torch.equal(slot.s[p.s_at: p.s_at + p.count * ssz], a_raw):
+                    if not np.array_equal(slot.s[p.s_at: p.s_at + p.count * ssz], a_raw):
                         res.differs.append(seg.tensor)
                 continue
             assert seg.op == EXTRAPOLATE and len(seg.alphas) == len(outs_raw)
             s_raw = slot.s[p.s_at: p.s_at + p.count * ssz]
-            a = a_raw.to(dev, non_blocking=True).view(torch_dtype(seg.a_dtype))
-            s = s_raw.to(dev, non_blocking=True).view(torch_dtype(seg.s_dtype))
-            for alpha, out_raw in zip(seg.alphas, outs_raw):
-                if dev.type == "cpu":
-                    out = out_raw.view(torch_dtype(seg.out_dtype))
-                    res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, out)
-                else:
-                    out = torch.empty(p.count, dtype=torch_dtype(seg.out_dtype), device=dev)
-                    res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, out)
-                    out_raw.copy_(out.view(torch.uint8))
-            res.nonfinite_in += self.kernel.count_nonfinite(a) + self.kernel.count_nonfinite(s)
+            if self.c_path:
+                for alpha, out_raw in zip(seg.alphas, outs_raw):
+                    res.nonfinite_out += ckernel.extrapolate(a_raw, seg.a_dtype, s_raw, seg.s_dtype, out_raw,
+                                                             seg.out_dtype, alpha)
+                res.nonfinite_in += (ckernel.count_nonfinite(a_raw, seg.a_dtype)
+                                     + ckernel.count_nonfinite(s_raw, seg.s_dtype))
+            else:
+                self._compute_torch(seg, p.count, a_raw, s_raw, outs_raw, res)
+
+    def _compute_torch(self, seg, count: int, a_raw, s_raw, outs_raw, res: TaskResult) -> None:
+        """The same arithmetic with torch ops, on the GPU (pinned buffers, asynchronous copies) or the CPU."""
+        import torch
+
+        dev = self.kernel.device
+        a = torch.from_numpy(a_raw).to(dev, non_blocking=True).view(torch_dtype(seg.a_dtype))
+        s = torch.from_numpy(s_raw).to(dev, non_blocking=True).view(torch_dtype(seg.s_dtype))
+        for alpha, out_raw in zip(seg.alphas, outs_raw):
+            host = torch.from_numpy(out_raw)
+            if dev.type == "cpu":
+                res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, host.view(torch_dtype(seg.out_dtype)))
+            else:
+                out = torch.empty(count, dtype=torch_dtype(seg.out_dtype), device=dev)
+                res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, out)
+                host.copy_(out.view(torch.uint8))
+        res.nonfinite_in += self.kernel.count_nonfinite(a) + self.kernel.count_nonfinite(s)
 
     def _write(self, paths: list[str], win: Window, slot: Slot, crc: list[int]) -> None:
         """The window's bytes: its whole blocks directly, its partial blocks (at a task's ends, which a
         neighbouring task may share) through the page cache."""
         pos, end, base = win.pos, win.pos + win.nbytes, win.out_base
         for k, path in enumerate(paths):
-            view = memoryview(slot.o[k].numpy())[base: base + win.nbytes]
+            view = memoryview(slot.o[k])[base: base + win.nbytes]
             crc[k] = zlib.crc32(view, crc[k])
             lo, hi = align_up(pos), align_down(end)  # (windows end on block boundaries, but the task need not)
             fd = self._fd(path, write=True, direct=True) if hi - lo >= ALIGN and self._direct(path, hi - lo) else None

@@ -29,11 +29,17 @@ def align_down(n: int) -> int:
 
 
 def aligned_empty(n: int, pin: bool = False):
-    """A uint8 tensor of n bytes whose first byte is ALIGN-aligned in memory."""
-    import torch
+    """A numpy uint8 array of n bytes whose first byte is ALIGN-aligned in memory. pin: in page-locked memory
+    from torch's CUDA host allocator (for asynchronous copies to a GPU); the array keeps that tensor alive."""
+    import numpy as np
 
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    skip = -raw.data_ptr() % ALIGN
+    if pin:
+        import torch
+
+        raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
+    else:
+        raw = np.empty(n + ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGN
     return raw[skip: skip + n]
 
 

@@ -9,22 +9,20 @@ The same torch ops run on CPU and CUDA (plain separate ops, no fused multiply-ad
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 TILE = 1 << 18  # elements per tile: the float64 work set stays in cache
 
-try:  # the C kernel (built at install when a compiler is there); same bytes as the torch ops, ~10x faster
-    from . import _ckernel
-except ImportError:  # pragma: no cover - depends on the install
-    _ckernel = None
+from . import ckernel
+
+_ckernel = ckernel._ckernel  # the extension module itself (None where it was not built)
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def c_kernel_available() -> bool:
-    return _ckernel is not None and os.environ.get("EXPO_KERNEL", "") != "torch"
+    return ckernel.available()
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -52,8 +50,8 @@ class Kernel:
         NaN results are written as the canonical quiet NaN of out's dtype. Returns how many outputs are
         not finite."""
         if self.device.type == "cpu" and c_kernel_available():
-            return _ckernel.extrapolate(_raw(a), _CODES[a.dtype], _raw(s), _CODES[s.dtype], _raw(out),
-                                        _CODES[out.dtype], float(alpha))
+            return ckernel._ckernel.extrapolate(_raw(a), _CODES[a.dtype], _raw(s), _CODES[s.dtype], _raw(out),
+                                                _CODES[out.dtype], float(alpha))
         n = out.numel()
         for lo in range(0, n, self.tile):
             hi = min(n, lo + self.tile)
@@ -73,7 +71,7 @@ class Kernel:
 
     def count_nonfinite(self, t: torch.Tensor) -> int:
         if t.device.type == "cpu" and c_kernel_available():
-            return _ckernel.count_nonfinite(_raw(t), _CODES[t.dtype])
+            return ckernel._ckernel.count_nonfinite(_raw(t), _CODES[t.dtype])
         return int((~torch.isfinite(t)).sum())
 
     def round_into(self, r: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:

@@ -38,12 +38,11 @@ def _test_faults(task_id: int, default_delay: float) -> float:
 @ray.remote(max_restarts=3, max_task_retries=0)
 class MergeWorker:
     def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None, io: str = "auto"):
-        import torch
-
         from .execute import Runner
 
-        torch.set_num_threads(1)
-        if device == "cuda":
+        if device == "cuda":  # torch only where a GPU is used: a CPU worker with the C kernel never imports it
+            import torch
+
             device = f"cuda:{torch.cuda.current_device()}"
         self.io = io
         self.runner = Runner(out_dirs, device, cache_dir=cache_dir, io=io)

@@ -181,3 +181,10 @@ def test_missing_required_option(pairs, shim, tmp_path):
     s, a = pairs["small"]
     r = run_merge(shim, "--sft", s, "--aligned", a, out=tmp_path / "out", alpha=None)
     check_refusal(r, "--alpha")
+
+
+def test_bad_io_setting(pairs, shim, tmp_path, monkeypatch):
+    s, a = pairs["small"]
+    monkeypatch.setenv("EXPO_IO", "fast")
+    r = run_merge(shim, "--sft", s, "--aligned", a, out=tmp_path / "out")
+    check_refusal(r, "EXPO_IO", "'fast'", "auto, direct or buffered", out=tmp_path / "out")

@@ -131,3 +131,25 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
         (out / "model.safetensors.index.json").write_text(json.dumps(index))
     assert_exact(str(out), str(sft), str(aligned), 0.25, tie=False)
+
+
+def test_torch_path_writes_the_same_bytes_as_the_c_path(plan_and_pair, tmp_path, monkeypatch):
+    """A CPU worker with the C kernel never imports torch (raw bytes in numpy buffers); without it (or with
+    EXPO_KERNEL=torch, or on a GPU) the same windows go through torch ops: same bytes."""
+    from expo_dist import ckernel
+
+    plan = plan_and_pair[0]
+    if not ckernel.available():
+        pytest.skip("C kernel not built in this install")
+    outs = {}
+    for mode in ("", "torch"):
+        monkeypatch.setenv("EXPO_KERNEL", mode)
+        out = tmp_path / (mode or "c")
+        create_shards(plan, str(out))
+        runner = Runner(str(out), chunk_bytes=64 << 10)
+        assert runner.c_path == (mode == "")
+        for task in plan.tasks:
+            runner.run(task)
+        runner.close()
+        outs[mode] = {s.file: (out / s.file).read_bytes() for s in plan.shards}
+    assert outs[""] == outs["torch"]

@@ -81,10 +81,15 @@ def test_baseline_exact(baseline, mid_pair):
     assert len(weight_files(baseline)) >= 3  # sharded with an index
 
 
-@pytest.mark.parametrize("kw", [dict(workers=3), dict(workers=2, max_task_bytes="1MiB")], ids=["workers3", "tasks1MiB"])
+@pytest.mark.parametrize("kw", [dict(workers=3), dict(workers=2, max_task_bytes="1MiB"),
+                                dict(workers=2, io="buffered"), dict(workers=2, io="direct")],
+                         ids=["workers3", "tasks1MiB", "io-buffered", "io-direct"])
 def test_byte_identical(baseline, mid_pair, tmp_path, kw):
+    """Same bytes whatever the number of workers, the task size, or how the workers do their I/O (the
+    baseline ran with the default --io auto: direct I/O where the temp folder is on ext4/xfs/btrfs)."""
     out = tmp_path / "out"
     manifest = merge(*mid_pair, out, max_shard_size="8MB", **kw)
+    assert manifest["settings"]["io"] == kw.get("io", "auto")
     if "max_task_bytes" in kw:
         # every tensor larger than a task is cut into several tasks
         assert manifest["tasks"] >= sum(os.path.getsize(baseline / f) for f in weight_files(baseline)) // (1 << 20)

@@ -74,22 +74,28 @@ def alive(procs):
     return out
 
 
+def start_mid_merge(pair, out):
+    """`expo-dist merge` as a subprocess (its own embedded Ray), returned once 5 tasks are journaled, with the
+    processes it started."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[TEST_DELAY_ENV] = "0.3"  # test-only: each task takes >= 0.3 s, so there is a "mid-merge"
+    p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *argv(pair, out)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    while len(journal_tasks(out)) < 5:
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() - t0 < 120, "the merge did not get going"
+        time.sleep(0.05)
+    return p, psutil.Process(p.pid).children(recursive=True)
+
+
 @pytest.fixture(scope="module")
 def killed(pair, tmp_path_factory):
     """`expo-dist merge` as a subprocess (its own embedded Ray), SIGKILLed once some tasks are journaled.
 
     Returns (out, journal entries at the kill, Ray processes that outlived the driver by 5 s)."""
     out = tmp_path_factory.mktemp("killed") / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[TEST_DELAY_ENV] = "0.3"  # test-only: each task takes >= 0.3 s, so there is a "mid-merge"
-    p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *argv(pair, out)], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    t0 = time.monotonic()
-    while len(journal_tasks(out)) < 5:
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() - t0 < 120, "the merge did not get going"
-        time.sleep(0.05)
-    ray_procs = psutil.Process(p.pid).children(recursive=True)
+    p, ray_procs = start_mid_merge(pair, out)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate()
     entries = journal_tasks(out)
@@ -122,10 +128,30 @@ def test_killed_driver_leaves_no_worker(killed):
     assert not [name for _, name in lingering if "MergeWorker" in name or name in ("raylet", "gcs_server")]
 
 
-def test_rerun_resumes_and_is_byte_identical(killed, baseline, pair, tmp_path):
-    src, entries, _ = killed
+def test_sigterm_stops_cleanly_and_the_rerun_resumes(pair, baseline, tmp_path):
+    """SIGTERM (scancel, kill, a pre-empted node): one line, exit 143, Ray stopped with every process it had
+    (nothing left to linger, unlike after SIGKILL), nothing complete-looking, and the rerun resumes."""
     out = tmp_path / "out"
-    shutil.copytree(src, out)  # keep the killed state for the other tests
+    p, ray_procs = start_mid_merge(pair, out)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    stopped = time.monotonic() - t0
+    assert p.returncode == 143, stderr
+    assert "Traceback" not in stderr and stdout == "", stderr
+    assert stderr.strip().splitlines()[-1].startswith("expo-dist: terminated"), stderr
+    left = alive(ray_procs)
+    for q in left:
+        q.kill()
+    assert not left, [q.name() for q in left]
+    assert stopped < 30, stopped
+    assert not any((out / f).exists() for f in COMPLETE)
+    entries = journal_tasks(out)
+    assert len(entries) >= 5
+    check_rerun(pair, out, entries, baseline)
+
+
+def check_rerun(pair, out, entries, baseline):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TEST_DELAY_ENV)}
     r = subprocess.run([sys.executable, "-m", "expo_dist.cli", *argv(pair, out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -137,6 +163,13 @@ def test_rerun_resumes_and_is_byte_identical(killed, baseline, pair, tmp_path):
     assert manifest["task_attempts"] == manifest["tasks"] - len(entries)  # only the unfinished ones redone
     assert_same(out, baseline)
     assert not (out / ".expo").exists()
+
+
+def test_rerun_resumes_and_is_byte_identical(killed, baseline, pair, tmp_path):
+    src, entries, _ = killed
+    out = tmp_path / "out"
+    shutil.copytree(src, out)  # keep the killed state for the other tests
+    check_rerun(pair, out, entries, baseline)
 
 
 def test_rerun_redoes_a_journaled_task_whose_bytes_changed(local_ray, killed, baseline, pair, tmp_path, capsys):
