@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from .errors import ExpoError
@@ -20,6 +22,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    main = threading.current_thread() is threading.main_thread()
+    own_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -30,6 +34,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         return True
     except ConnectionError as e:
         raise ExpoError(f"cannot connect to Ray at {address!r}: {e}") from None
+    finally:
+        # ray.init puts in a SIGTERM handler that exits at once (sys.exit); where the CLI had its own (unwind,
+        # stop Ray, keep the journal), put that one back
+        if callable(own_sigterm) and signal.getsignal(signal.SIGTERM) is not own_sigterm:
+            signal.signal(signal.SIGTERM, own_sigterm)
 
 
 def shutdown() -> None:
