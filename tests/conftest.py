@@ -17,3 +17,4 @@ def local_ray():
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+

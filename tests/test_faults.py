@@ -18,6 +18,7 @@ import time
 
 import psutil
 import pytest
+from clusters import three_node_cluster
 
 from reference import assert_same
 
@@ -46,27 +47,8 @@ def faults(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(faults):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    old = os.environ.get(TEST_FAULTS_ENV)
-    os.environ[TEST_FAULTS_ENV] = str(faults.path)  # every node's raylet, hence every worker, inherits it
-    try:
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        for _ in range(2):
-            c.add_node(num_cpus=1)
-        c.wait_for_nodes()
-    finally:
-        if old is None:
-            os.environ.pop(TEST_FAULTS_ENV, None)
-        else:
-            os.environ[TEST_FAULTS_ENV] = old
-    ray.init(address=c.address, logging_level="ERROR")
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with three_node_cluster({TEST_FAULTS_ENV: str(faults.path)}) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from clusters import three_node_cluster
 
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
@@ -14,19 +15,8 @@ ALPHA = 0.4
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with three_node_cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
