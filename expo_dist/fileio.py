@@ -78,6 +78,55 @@ def direct_ok(path: str, mode: str | None = None) -> bool:
     return _fs_type(os.path.dirname(os.path.realpath(path))) in DIRECT_FS
 
 
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _LIBC = libc
+    return _LIBC
+
+
+def resident_prefix(fd: int, offset: int, n: int) -> int:
+    """How many bytes from offset on are in the page cache already (whole pages, counted from the page that
+    holds offset; the answer can run past offset + n). Asks mincore(2) on a mapping that is never touched, so
+    it reads nothing from the disk. 0 where that cannot be asked."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    length = offset + n - start
+    if n <= 0:
+        return 0
+    try:
+        libc = _libc()
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return 0
+        try:
+            pages = -(-length // page)
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, length, vec) != 0:
+                return 0
+            k = next((i for i, v in enumerate(bytes(vec)) if not v & 1), pages)
+        finally:
+            libc.munmap(addr, length)
+    except (OSError, AttributeError):
+        return 0
+    return max(0, start + k * page - offset)
+
+
 def open_direct(path: str, flags: int) -> int | None:
     """An O_DIRECT descriptor, or None where the file system refuses O_DIRECT (EINVAL)."""
     try:

@@ -106,6 +106,7 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
     for mode in ("direct", "buffered"):
         monkeypatch.setenv("EXPO_IO", mode)
         out = tmp_path / mode
+        evict(sft, aligned)  # inputs the page cache holds are read from there (next test)
         create_shards(plan, str(out))
         runner = Runner(str(out), chunk_bytes=chunk, direct_min=0)
         for task in plan.tasks:
@@ -124,7 +125,65 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
                 assert io["direct_write"] > 0.5 * io["cached_write"], io
         outs[mode] = {s.file: (out / s.file).read_bytes() for s in plan.shards}
     assert outs["direct"] == outs["buffered"]
-    out = tmp_path / "direct"
+    assert_exact_folder(tmp_path / "direct", plan, sft, aligned)
+
+
+def evict(*folders):
+    """Drop these files' pages from the page cache (written back first, so they can be dropped)."""
+    for folder in folders:
+        for f in os.listdir(folder):
+            fd = os.open(os.path.join(folder, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, monkeypatch):
+    """With direct I/O on, input pages already in the page cache (a file just downloaded, or read a moment
+    ago) are read from the cache, found with mincore (no disk read to find out); the rest from the disk."""
+    from expo_dist.fileio import resident_prefix
+
+    plan, sft, aligned = plan_and_pair
+    monkeypatch.setenv("EXPO_IO", "direct")
+    evict(sft, aligned)
+    first = sorted(f for f in os.listdir(aligned) if f.endswith(".safetensors"))[0]
+    fd = os.open(os.path.join(aligned, first), os.O_RDONLY)
+    try:
+        assert resident_prefix(fd, 0, 1 << 16) == 0
+        os.pread(fd, 1 << 16, 0)  # now its first 64 KiB are in the cache
+        assert resident_prefix(fd, 0, 1 << 16) >= 1 << 16
+    finally:
+        os.close(fd)
+    out = tmp_path / "hot"
+    create_shards(plan, str(out))
+    runner = Runner(str(out), chunk_bytes=1 << 20, direct_min=0)
+    for task in plan.tasks:
+        runner.run(task)
+    runner.close()
+    if runner.no_direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    total = runner.io["cached_read"] + runner.io["direct_read"]
+    assert 0 < runner.io["cached_read"] < 0.5 * total, runner.io  # the cached 64 KiB (and whatever it pulled in)
+    hot = {s.file: (out / s.file).read_bytes() for s in plan.shards}
+    # direct reads leave the cache as it was; read every input through it, and then all of it comes from there
+    for folder in (sft, aligned):
+        for f in os.listdir(folder):
+            (folder / f).read_bytes()
+    out2 = tmp_path / "all-hot"
+    create_shards(plan, str(out2))
+    runner = Runner(str(out2), chunk_bytes=1 << 20, direct_min=0)
+    for task in plan.tasks:
+        runner.run(task)
+    runner.close()
+    assert runner.io["direct_read"] == 0 and runner.io["cached_read"] == total, runner.io
+    assert {s.file: (out2 / s.file).read_bytes() for s in plan.shards} == hot
+    evict(out)
+    assert_exact_folder(out, plan, sft, aligned)
+
+
+def assert_exact_folder(out, plan, sft, aligned):
     if len(plan.shards) > 1:
         import json
 
