@@ -17,6 +17,7 @@ the page cache with early writeback (sync_file_range), so the dirty pages never 
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,10 @@ from .plan import COPY, EXTRAPOLATE, Task
 from .fetch import local_path
 
 CHUNK_BYTES = 16 << 20  # output bytes per window
-SLOTS = 2  # windows in flight per stage
+# Windows in flight per worker: while one computes, the next SLOTS - 1 are read (by as many threads). More than
+# 2 gave the disk more requests at once but made the merge slower on the 2-core machine we measured (6.7 s
+# against 6.1 s for the benchmark pair with SLOTS=4); EXPO_SLOTS tries other values.
+SLOTS = max(2, int(os.environ.get("EXPO_SLOTS", "2")))
 WRITEBACK_LAG = 4  # windows: wait for the writeback of the range written this many windows ago
 DIRECT_MIN = 256 << 10  # bytes: shorter reads go through the page cache (neighbouring small tensors)
 
@@ -184,17 +188,19 @@ class Runner:
         pin = self.device.startswith("cuda")
         self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(SLOTS)]
         self.max_fds = max_fds
-        self.rfds: OrderedDict[tuple[str, bool], int] = OrderedDict()  # used by the reader thread only
+        self.local = threading.local()  # each reader thread keeps its own descriptors (never closed under another)
+        self.all_rfds: list[OrderedDict] = []
         self.wfds: OrderedDict[tuple[str, bool], int] = OrderedDict()  # used by the writer thread only
+        self.lock = threading.Lock()
         self.no_direct: set[str] = set()  # files where O_DIRECT was refused: page cache from then on
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="expo-read")
+        self.reader = ThreadPoolExecutor(max(1, SLOTS - 1), thread_name_prefix="expo-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="expo-write")
         self.written: list[tuple[int, int, int]] = []
         self.io = {"direct_read": 0, "cached_read": 0, "direct_write": 0, "cached_write": 0}  # bytes
 
     def _fd(self, path: str, write: bool = False, direct: bool = False) -> int | None:
         """A cached descriptor; with direct=True an O_DIRECT one, or None where the file system refuses it."""
-        fds = self.wfds if write else self.rfds
+        fds = self.wfds if write else self._rfds()
         key = (path, direct)
         fd = fds.pop(key, None)
         if fd is None:
@@ -211,10 +217,23 @@ class Runner:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if len(fds) >= self.max_fds:
                 old = fds.popitem(last=False)[1]
-                self.written = [w for w in self.written if w[0] != old]
+                if write:  # (the writer's own list: only the writer thread evicts write descriptors)
+                    self.written = [w for w in self.written if w[0] != old]
                 os.close(old)
         fds[key] = fd
         return fd
+
+    def _rfds(self) -> OrderedDict:
+        fds = getattr(self.local, "rfds", None)
+        if fds is None:
+            fds = self.local.rfds = OrderedDict()
+            with self.lock:
+                self.all_rfds.append(fds)
+        return fds
+
+    def _count(self, key: str, n: int) -> None:
+        with self.lock:
+            self.io[key] += n
 
     def _direct(self, path: str, n: int) -> bool:
         return n >= self.direct_min and path not in self.no_direct and direct_ok(
@@ -223,7 +242,7 @@ class Runner:
     def close(self) -> None:
         self.reader.shutdown()
         self.writer.shutdown()
-        for fds in (self.rfds, self.wfds):
+        for fds in (*self.all_rfds, self.wfds):
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
@@ -269,11 +288,11 @@ class Runner:
                         lo, hi = align_down(r.off + got), align_up(r.off + r.n)
                         b = r.at - (r.off - lo)
                         pread_into(fd, view[b: b + hi - lo], lo, r.path, need=r.off + r.n - lo)
-                    self.io["cached_read"] += got
-                    self.io["direct_read"] += r.n - got
+                    self._count("cached_read", got)
+                    self._count("direct_read", r.n - got)
                     continue
             pread_into(self._fd(r.path), view[r.at: r.at + r.n], r.off, r.path)
-            self.io["cached_read"] += r.n
+            self._count("cached_read", r.n)
 
     def _cached_part(self, r: Run, view: memoryview) -> int:
         """Read the leading part of a run that the page cache holds (fileio.resident_prefix: no disk I/O to
