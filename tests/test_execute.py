@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from expo_dist.execute import Runner, windows
+from expo_dist.execute import Runner
+from expo_dist.windows import windows
 from expo_dist.finalize import create_shards
 from expo_dist.merge import build_plan
 from expo_dist.plan import COPY
