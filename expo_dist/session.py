@@ -30,7 +30,15 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
             return False
         # address="local": a Ray of our own, even where /tmp/ray/ray_current_cluster names a cluster someone
         # started on this machine (plain ray.init() would join that one); RAY_ADDRESS still wins (ray job submit)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # Ray warns on every start of a local cluster that token auth is on by default: for a Ray that lives
+        # and dies with this command that is noise, so that one logger is quietened for the start
+        quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        finally:
+            quiet.setLevel(level)
         return True
     except ConnectionError as e:
         raise ExpoError(f"cannot connect to Ray at {address!r}: {e}") from None
