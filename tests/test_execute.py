@@ -108,11 +108,7 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
         monkeypatch.setenv("EXPO_IO", mode)
         out = tmp_path / mode
         evict(sft, aligned)  # inputs the page cache holds are read from there (next test)
-        create_shards(plan, str(out))
-        runner = Runner(str(out), chunk_bytes=chunk, direct_min=0)
-        for task in plan.tasks:
-            runner.run(task)
-        runner.close()
+        runner = run_all(plan, out, chunk_bytes=chunk, direct_min=0)
         io = runner.io
         # every input byte the plan reads (plus the SFT side of copied non-float tensors, read to compare)
         assert plan.bytes_read <= io["direct_read"] + io["cached_read"] <= plan.bytes_read + 4096
@@ -127,6 +123,16 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
         outs[mode] = {s.file: (out / s.file).read_bytes() for s in plan.shards}
     assert outs["direct"] == outs["buffered"]
     assert_exact_folder(tmp_path / "direct", plan, sft, aligned)
+
+
+def run_all(plan, out, **kw) -> Runner:
+    """Stage the shards in out and run every task of the plan there with one Runner; the closed Runner."""
+    create_shards(plan, str(out))
+    runner = Runner(str(out), **kw)
+    for task in plan.tasks:
+        runner.run(task)
+    runner.close()
+    return runner
 
 
 def evict(*folders):
@@ -158,11 +164,7 @@ def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, mo
     finally:
         os.close(fd)
     out = tmp_path / "hot"
-    create_shards(plan, str(out))
-    runner = Runner(str(out), chunk_bytes=1 << 20, direct_min=0)
-    for task in plan.tasks:
-        runner.run(task)
-    runner.close()
+    runner = run_all(plan, out, chunk_bytes=1 << 20, direct_min=0)
     if runner.no_direct:
         pytest.skip("this file system refuses O_DIRECT")
     total = runner.io["cached_read"] + runner.io["direct_read"]
@@ -173,11 +175,7 @@ def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, mo
         for f in os.listdir(folder):
             (folder / f).read_bytes()
     out2 = tmp_path / "all-hot"
-    create_shards(plan, str(out2))
-    runner = Runner(str(out2), chunk_bytes=1 << 20, direct_min=0)
-    for task in plan.tasks:
-        runner.run(task)
-    runner.close()
+    runner = run_all(plan, out2, chunk_bytes=1 << 20, direct_min=0)
     assert runner.io["direct_read"] == 0 and runner.io["cached_read"] == total, runner.io
     assert {s.file: (out2 / s.file).read_bytes() for s in plan.shards} == hot
     evict(out)
@@ -205,11 +203,6 @@ def test_torch_path_writes_the_same_bytes_as_the_c_path(plan_and_pair, tmp_path,
     for mode in ("", "torch"):
         monkeypatch.setenv("EXPO_KERNEL", mode)
         out = tmp_path / (mode or "c")
-        create_shards(plan, str(out))
-        runner = Runner(str(out), chunk_bytes=64 << 10)
-        assert runner.c_path == (mode == "")
-        for task in plan.tasks:
-            runner.run(task)
-        runner.close()
+        assert run_all(plan, out, chunk_bytes=64 << 10).c_path == (mode == "")
         outs[mode] = {s.file: (out / s.file).read_bytes() for s in plan.shards}
     assert outs[""] == outs["torch"]
