@@ -24,6 +24,15 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     main = threading.current_thread() is threading.main_thread()
     own_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    # Ray puts the driver's current folder first on its workers' sys.path. Run from a folder that holds another
+    # expo_dist (an old checkout, say), the workers would import that one. During ray.init the current folder
+    # is the one that holds this expo_dist, so workers import what the driver runs. (Paths in the spec are
+    # absolute by now; the folder is restored right after.)
+    try:
+        cwd = os.getcwd()
+        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except OSError:  # the current folder is gone, or ours cannot be entered: leave it to Ray
+        cwd = None
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -43,6 +52,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     except ConnectionError as e:
         raise ExpoError(f"cannot connect to Ray at {address!r}: {e}") from None
     finally:
+        if cwd is not None:
+            os.chdir(cwd)
         # ray.init puts in a SIGTERM handler that exits at once (sys.exit); where the CLI had its own (unwind,
         # stop Ray, keep the journal), put that one back
         if callable(own_sigterm) and signal.getsignal(signal.SIGTERM) is not own_sigterm:

@@ -150,3 +150,25 @@ def test_side_files_card_and_manifest(baseline, mid_pair):
 
     tok = AutoTokenizer.from_pretrained(str(baseline))
     assert len(tok) == json.loads((baseline / "config.json").read_text())["vocab_size"]
+
+
+def test_workers_import_the_drivers_expo_dist_whatever_the_current_folder(tmp_path, mid_pair):
+    """Ray puts the driver's current folder first on its workers' sys.path: a merge started from a folder that
+    holds another expo_dist (an old checkout) must still run the driver's code in its workers."""
+    import subprocess
+    import sys
+
+    here = tmp_path / "elsewhere"
+    (here / "expo_dist").mkdir(parents=True)
+    (here / "expo_dist" / "__init__.py").write_text("raise ImportError('the expo_dist of the current folder')\n")
+    exe = os.path.join(os.path.dirname(sys.executable), "expo-dist")
+    if not os.path.exists(exe):
+        pytest.skip("the expo-dist console script is not installed next to this Python")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    out = tmp_path / "out"
+    r = subprocess.run([exe, "merge", "--sft", str(mid_pair[0]), "--aligned", str(mid_pair[1]), "--alpha", str(ALPHA),
+                        "--out", str(out), "--workers", "2", "-q"], cwd=here, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the expo_dist of the current folder" not in r.stderr
+    assert (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists()
