@@ -13,6 +13,7 @@ from typing import Callable
 from .errors import ExpoError, MergeFailed
 from .plan import Plan, Task
 from .session import Progress
+from .sources import is_ref
 
 log = logging.getLogger("expo_dist")
 IN_FLIGHT = 2  # tasks queued per actor: one runs while the next waits
@@ -60,7 +61,7 @@ class Scheduler:
         self.file_inputs: dict[str, set[str]] = defaultdict(set)  # output file -> input files its tasks read
         for t in plan.tasks:
             self.file_inputs[t.file].update(t.input_files)
-        self.hub = any(f.startswith("hf://") for fs in self.file_inputs.values() for f in fs)
+        self.hub = any(is_ref(f) for fs in self.file_inputs.values() for f in fs)
         self.node_inputs: dict[str, set[str]] = defaultdict(set)  # node -> input files its workers read
         self.frontier: dict[str, int] = {s.file: 0 for s in plan.shards}  # index of the first unfinished task
         self.hashed_to: dict[str, int] = {}  # file -> bytes the hasher was told are final

@@ -111,6 +111,7 @@ class Runner:
         self.wfds: OrderedDict[tuple[str, bool], int] = OrderedDict()  # used by the writer thread only
         self.lock = threading.Lock()
         self.no_direct: set[str] = set()  # files where O_DIRECT was refused: page cache from then on
+        self.direct_files: dict[str, bool] = {}  # file -> direct I/O wanted for it (fileio.direct_ok)
         self.reader = ThreadPoolExecutor(max(1, SLOTS - 1), thread_name_prefix="expo-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="expo-write")
         self.written: list[tuple[int, int, int]] = []
@@ -154,8 +155,13 @@ class Runner:
             self.io[key] += n
 
     def _direct(self, path: str, n: int) -> bool:
-        return n >= self.direct_min and path not in self.no_direct and direct_ok(
-            path if not path.startswith("hf://") else local_path(path, self.cache_dir), self.io_mode)
+        """Whether this read or write of n bytes goes direct: decided once per file (n aside)."""
+        if n < self.direct_min or path in self.no_direct:
+            return False
+        ok = self.direct_files.get(path)
+        if ok is None:
+            ok = self.direct_files[path] = direct_ok(local_path(path, self.cache_dir), self.io_mode)
+        return ok
 
     def close(self) -> None:
         self.reader.shutdown()

@@ -70,8 +70,8 @@ def _download(hf_hub_download, repo: str, commit: str, filename: str, cache_dir:
         limit = max(1, int(os.environ.get(ATTEMPTS_ENV, "6")))
     except ValueError:
         limit = 6
-    delay = BACKOFF_S
-    for attempt in range(1, limit + 1):
+    delay, attempt = BACKOFF_S, 1
+    while True:
         try:
             return hf_hub_download(repo, filename, revision=commit, cache_dir=cache_dir), attempt
         except hub_exceptions() as e:
@@ -84,8 +84,7 @@ def _download(hf_hub_download, repo: str, commit: str, filename: str, cache_dir:
                         str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__, delay,
                         attempt + 1, limit)
         time.sleep(delay)
-        delay = min(delay * 2, BACKOFF_MAX_S)
-    raise AssertionError("unreachable")
+        delay, attempt = min(delay * 2, BACKOFF_MAX_S), attempt + 1
 
 
 def fetched(reset: bool = False) -> list[dict]:

@@ -53,7 +53,7 @@ def io_mode(mode: str | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _fs_type(folder: str) -> str:
+def fs_type(folder: str) -> str:
     """The type of the file system holding folder, from /proc/self/mounts (longest mount point that holds it)."""
     best, kind = "", ""
     try:
@@ -75,7 +75,7 @@ def direct_ok(path: str, mode: str | None = None) -> bool:
     mode = io_mode(mode)
     if mode != "auto" or not hasattr(os, "O_DIRECT"):
         return mode == "direct" and hasattr(os, "O_DIRECT")
-    return _fs_type(os.path.dirname(os.path.realpath(path))) in DIRECT_FS
+    return fs_type(os.path.dirname(os.path.realpath(path))) in DIRECT_FS
 
 
 _LIBC = None

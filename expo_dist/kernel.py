@@ -15,10 +15,10 @@ import torch
 TILE = 1 << 18  # elements per tile: the float64 work set stays in cache
 
 from . import ckernel
+from .dtypes import from_name
 
 _ckernel = ckernel._ckernel  # the extension module itself (None where it was not built)
 
-_CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def c_kernel_available() -> bool:
@@ -50,8 +50,8 @@ class Kernel:
         NaN results are written as the canonical quiet NaN of out's dtype. Returns how many outputs are
         not finite."""
         if self.device.type == "cpu" and c_kernel_available():
-            return ckernel._ckernel.extrapolate(_raw(a), _CODES[a.dtype], _raw(s), _CODES[s.dtype], _raw(out),
-                                                _CODES[out.dtype], float(alpha))
+            return ckernel.extrapolate(_raw(a), from_name(str(a.dtype)), _raw(s), from_name(str(s.dtype)), _raw(out),
+                                       from_name(str(out.dtype)), alpha)
         n = out.numel()
         for lo in range(0, n, self.tile):
             hi = min(n, lo + self.tile)
@@ -71,7 +71,7 @@ class Kernel:
 
     def count_nonfinite(self, t: torch.Tensor) -> int:
         if t.device.type == "cpu" and c_kernel_available():
-            return ckernel._ckernel.count_nonfinite(_raw(t), _CODES[t.dtype])
+            return ckernel.count_nonfinite(_raw(t), from_name(str(t.dtype)))
         return int((~torch.isfinite(t)).sum())
 
     def round_into(self, r: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .dtypes import itemsize, torch_dtype
 from .errors import ExpoError
+from .fetch import local_path  # a Hub input's weight file is named by an hf:// ref: its file in this cache
 from .fileio import pread_into
 from .finalize import MANIFEST, side_files
 from .index import ModelIndex, index_model
@@ -37,7 +38,7 @@ class _Files:
     def pread(self, path: str, offset: int, n: int) -> bytearray:
         fd = self.fds.get(path)
         if fd is None:
-            fd = self.fds[path] = os.open(_local(path), os.O_RDONLY)
+            fd = self.fds[path] = os.open(local_path(path), os.O_RDONLY)
         buf = bytearray(n)
         pread_into(fd, memoryview(buf), offset, path, ExpoError)
         return buf
@@ -48,13 +49,6 @@ class _Files:
         self.fds.clear()
 
 
-def _local(path: str) -> str:
-    """A weight file of a Hub input is named by an hf:// ref: its file in the local Hugging Face cache."""
-    if path.startswith("hf://"):
-        from .fetch import local_path
-
-        return local_path(path)
-    return path
 
 
 def _manifest_rules(out: str):

@@ -50,6 +50,8 @@ sys.path.insert(0, HERE)
 import rss  # noqa: E402
 from rss import GiB, TreeSampler, fmt_bytes  # noqa: E402
 
+from expo_dist.fileio import fs_type, open_direct  # noqa: E402
+
 IO_BLOCK = 16 << 20
 MANIFEST = "expo_manifest.json"
 MEMORY_SHAPE = dict(hidden_size=4096, intermediate_size=4096, num_layers=1, num_heads=32, num_kv_heads=8,
@@ -223,13 +225,9 @@ def run_ray_startup(env: dict, timeout: float = 300) -> float:
 
 
 def _open(path: str, flags: int, direct: bool) -> tuple[int, bool]:
-    """A descriptor, with O_DIRECT when asked and the file system allows it; (fd, direct)."""
-    if direct:
-        try:
-            return os.open(path, flags | os.O_DIRECT, 0o644), True
-        except OSError:
-            pass
-    return os.open(path, flags, 0o644), False
+    """A descriptor, with O_DIRECT when asked and the file system allows it (as the workers open theirs)."""
+    fd = open_direct(path, flags) if direct else None
+    return (fd, True) if fd is not None else (os.open(path, flags, 0o644), False)
 
 
 def _read_all(files: list[str], out: list, k: int, direct: bool = False) -> None:
@@ -501,20 +499,6 @@ def fmt_runs(xs):
     return " ".join("-" if x is None else f"{x:.2f}" for x in xs)
 
 
-def fs_type(path: str) -> str:
-    best, typ = "", "?"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                mnt = parts[1]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                    best, typ = mnt, parts[2]
-    except OSError:
-        pass
-    return typ
-
-
 def machine() -> dict:
     import psutil
 
@@ -600,7 +584,7 @@ def main(argv=None) -> int:
 
     base = "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix="expo-bench-", dir=args.workdir or base)
-    typ = fs_type(os.path.realpath(workdir))
+    typ = fs_type(os.path.realpath(workdir)) or "?"
     log(f"workdir {workdir} ({typ})")
     if typ in ("tmpfs", "ramfs"):
         log(f"WARNING: {workdir} is on {typ}: I/O figures measure RAM, not a disk; pass --workdir on a disk")
