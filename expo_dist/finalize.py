@@ -8,17 +8,18 @@ transformers can load is always a complete one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import stat
 import time
 
 from . import __version__
 from .errors import ExpoError
+from .owned import CARD, INDEX, MANIFEST, WORK
 from .plan import Plan
 
-WORK = ".expo"
-MANIFEST = "expo_manifest.json"
-INDEX = "model.safetensors.index.json"
+log = logging.getLogger("expo_dist")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 SKIP_FILES = {"README.md", ".gitattributes", INDEX, "pytorch_model.bin.index.json", MANIFEST}
 
@@ -42,16 +43,6 @@ def work_dir(out: str) -> str:
     return os.path.join(out, WORK)
 
 
-def clear_outputs(out: str) -> None:
-    """--overwrite: remove what a merge writes (weights, index, manifest, card, side files, work dir)."""
-    for name in os.listdir(out):
-        path = os.path.join(out, name)
-        if name == WORK or (name.startswith("alpha-") and os.path.isdir(path)):  # work dir, sweep outputs
-            shutil.rmtree(path)
-        elif os.path.isfile(path) or os.path.islink(path):
-            os.unlink(path)
-
-
 def create_shards(plan: Plan, wdir: str, keep: set[str] = frozenset()) -> None:
     """Pre-size each staged shard and write its header; workers fill in the data ranges."""
     os.makedirs(wdir, exist_ok=True)
@@ -72,9 +63,70 @@ def is_side_file(name: str) -> bool:
                 or name.endswith(".index.json"))
 
 
-def side_files(aligned_root: str) -> list[str]:
-    return [name for name in sorted(os.listdir(aligned_root))
-            if os.path.isfile(os.path.join(aligned_root, name)) and is_side_file(name)]
+def side_file_source(aligned_root: str, name: str) -> tuple[str | None, str]:
+    """Where side file `name` of the aligned model really is, or (None, why it is skipped).
+
+    A symlink is followed only to a regular file inside the model folder or, for a snapshot in the Hugging Face
+    cache, inside that repo's blob store (snapshots/<commit>/name -> ../../blobs/<hash>). A link anywhere else
+    (a cloned repo whose merges.txt points at ~/.ssh/id_rsa, /proc/self/environ, /dev/...) and anything that is
+    not a regular file (a FIFO, a device) would copy what is not the model's into the folder people publish."""
+    path = os.path.join(aligned_root, name)
+    root = os.path.realpath(aligned_root)
+    real = os.path.realpath(path)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    if not any(real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+        return None, f"a symlink to {real}, outside the model folder"
+    try:
+        mode = os.stat(real, follow_symlinks=False).st_mode
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror})"
+    if not stat.S_ISREG(mode):
+        return None, "not a regular file"
+    return real, ""
+
+
+def side_files(aligned_root: str, warn: list[str] | None = None) -> list[str]:
+    """The aligned model's side files that go into the output; those skipped for safety go into warn."""
+    names = []
+    for name in sorted(os.listdir(aligned_root)):
+        if not is_side_file(name):
+            continue
+        try:
+            mode = os.lstat(os.path.join(aligned_root, name)).st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        real, why = side_file_source(aligned_root, name)
+        if real is None:
+            if warn is not None:
+                warn.append(f"side file {name} of the aligned model not copied: {why}")
+            continue
+        names.append(name)
+    return names
+
+
+def copy_side_file(aligned_root: str, name: str, dst: str) -> None:
+    """Copy one side file, opened without following links (checked just before) and only if regular."""
+    real, why = side_file_source(aligned_root, name)
+    if real is None:
+        raise ExpoError(f"{os.path.join(aligned_root, name)}: {why}; the aligned model folder changed during the merge")
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ExpoError(f"{os.path.join(aligned_root, name)}: not a regular file")
+        tmp = dst + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+    os.replace(tmp, dst)
+
+
+def output_names(plan: Plan, side: list[str]) -> list[str]:
+    """Every name a finished output folder holds at its top (what --overwrite may later remove)."""
+    names = [*side, CARD, MANIFEST, *(s.file for s in plan.shards)]
+    return names + [INDEX] if len(plan.shards) > 1 else names
 
 
 def _card_id(source: str) -> str:
@@ -125,9 +177,11 @@ weight file.
 """
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+    """Write a small file whole or not at all (fsynced, then renamed over; a symlink there is replaced, never
+    followed)."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -147,10 +201,14 @@ def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str
 
     variant: which alpha of a sweep this folder holds (per-tensor alphas in the manifest)."""
     wdir = work_dir(out)
-    for name in side_files(aligned_root):
-        shutil.copyfile(os.path.join(aligned_root, name), os.path.join(out, name))
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(info))
+    skipped: list[str] = []
+    side = side_files(aligned_root, skipped)
+    skipped = [w for w in skipped if w not in plan.warnings]  # build_plan said these before the merge
+    for w in skipped:
+        log.warning("%s", w)
+    for name in side:
+        copy_side_file(aligned_root, name, os.path.join(out, name))
+    atomic_write(os.path.join(out, CARD), model_card(info).encode())
     manifest = {
         "tool": "expo_dist",
         "version": __version__,
@@ -162,9 +220,10 @@ def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str
         "tensors": {k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape),
                         "alpha": d.alphas[variant] if d.alphas else None}
                     for k, d in plan.decisions.items()},
-        "warnings": plan.warnings,
+        "warnings": plan.warnings + skipped,
+        "written": output_names(plan, side),
     }
-    _atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
     sharded = len(plan.shards) > 1
     for shard in plan.shards:
         if sharded:
@@ -172,7 +231,7 @@ def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str
     if sharded:
         _fsync_dir(out)
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map().items()))}
-        _atomic_write(os.path.join(out, INDEX), (json.dumps(index, indent=2) + "\n").encode())
+        atomic_write(os.path.join(out, INDEX), (json.dumps(index, indent=2) + "\n").encode())
     else:
         os.replace(os.path.join(wdir, plan.shards[0].file), os.path.join(out, plan.shards[0].file))
     _fsync_dir(out)

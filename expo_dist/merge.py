@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -12,9 +13,11 @@ from . import __version__
 from .driver import Scheduler
 from .session import Progress, connect, shutdown
 from .errors import ExpoError, MergeFailed
-from .finalize import check_out_dir, clear_outputs, create_shards, finish, side_files, work_dir
+from .finalize import check_out_dir, create_shards, finish, output_names, side_files, work_dir
 from .index import ModelIndex, index_model
 from .journal import Journal
+from .outlock import OutputLock
+from .owned import clear_owned, record_names
 from .plan import Plan, Source, make_plan
 from .rules import alphas_for, unused
 from .sources import is_ref
@@ -36,6 +39,7 @@ def build_plan(spec: MergeSpec) -> tuple[Plan, ModelIndex, ModelIndex]:
                      max_task_bytes=spec.max_task_bytes, max_shard_size=spec.max_shard_size)
     for rule in unused(rules, plan.decisions):
         plan.warnings.append(f"alpha rule {rule.describe()} matches no tensor")
+    side_files(aligned.root, plan.warnings)  # links out of the folder, FIFOs...: said before any work
     return plan, sft, aligned
 
 
@@ -55,39 +59,57 @@ def fingerprint(plan: Plan, spec: MergeSpec) -> str:
 
 
 def _input_identity(f: str) -> list:
-    """A local file by name, size and mtime; a Hub file by its ref, which pins the commit (immutable)."""
+    """A local file by name, size, mtime, device, inode and ctime (a file rewritten in place with its mtime set
+    back still gets a new ctime, which no one can set back; a file replaced by another gets a new inode); a Hub
+    file by its ref, which pins the commit (immutable)."""
     if is_ref(f):
         return [f]
     st = os.stat(f)
-    return [f, st.st_size, st.st_mtime_ns]
+    return [f, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
-def prepare_output(spec: MergeSpec, plan: Plan) -> Journal:
+def prepare_output(spec: MergeSpec, plan: Plan, aligned_root: str) -> tuple[Journal, OutputLock]:
+    """Lock the output folder, then resume, refuse, or (--overwrite) clear what an earlier run wrote there."""
     out = spec.out
     check_out_dir(out, [spec.sft, spec.aligned])
     fp = fingerprint(plan, spec)
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise ExpoError(f"--out {out} exists and is not a folder")
+    lock = OutputLock(work_dir(out), f"--out {out}")
     try:
+        fresh = not os.path.isdir(out) or not os.listdir(out)
+        ours = not os.path.lexists(work_dir(out))  # a refused run leaves no trace in a folder it did not write
         os.makedirs(out, exist_ok=True)
-        journal = Journal(work_dir(out))
-        if os.listdir(out):
-            if journal.exists() and journal.fingerprint() == fp and not spec.overwrite:
-                log.warning("resuming the unfinished merge in %s", out)
-            elif spec.overwrite:
-                clear_outputs(out)
-            elif journal.exists():
-                raise ExpoError(f"--out {out} holds an unfinished merge of different inputs or settings; "
-                                "rerun with --overwrite to discard it")
-            else:
-                raise ExpoError(f"--out {out} is not empty; choose an empty folder or pass --overwrite")
-        if not journal.exists():
-            journal.start(fp)
-        for d in spec.out_dirs():
-            os.makedirs(work_dir(d), exist_ok=True)
+        lock.acquire()
+        try:
+            journal = Journal(work_dir(out))
+            if not fresh:
+                if journal.exists() and journal.fingerprint() == fp and not spec.overwrite:
+                    log.warning("resuming the unfinished merge in %s", out)
+                elif spec.overwrite:
+                    n = clear_owned(out)
+                    log.warning("--overwrite: removed %d files an earlier expo_dist run wrote in %s", n, out)
+                elif journal.exists():
+                    raise ExpoError(f"--out {out} holds an unfinished merge of different inputs or settings; "
+                                    "rerun with --overwrite to discard it")
+                else:
+                    raise ExpoError(f"--out {out} is not empty; choose an empty folder or pass --overwrite "
+                                    "(which replaces only an earlier expo_dist output)")
+            if not journal.exists():
+                journal.start(fp)
+            names = output_names(plan, side_files(aligned_root))
+            for d in spec.out_dirs():
+                os.makedirs(work_dir(d), exist_ok=True)
+                record_names(d, names)
+        except BaseException:
+            lock.release(remove=ours)
+            if ours:
+                with contextlib.suppress(OSError):
+                    os.rmdir(work_dir(out))
+            raise
     except OSError as e:
         raise ExpoError(os_error_message(e, out)) from None
-    return journal
+    return journal, lock
 
 
 def os_error_message(e: OSError, path: str) -> str:
@@ -133,13 +155,14 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
     plan, sft, aligned = build_plan(spec)
     for w in plan.warnings:
         log.warning("%s", w)
-    journal = prepare_output(spec, plan)
+    journal, lock = prepare_output(spec, plan, aligned.root)
     try:
         return _run(spec, plan, aligned, journal, progress)
     except OSError as e:  # the output disk filled up or went read-only under us
         raise MergeFailed(os_error_message(e, spec.out)) from None
     finally:
         journal.close()
+        lock.release()
 
 
 def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, progress: bool) -> dict:
@@ -155,7 +178,7 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
     started = connect(spec.address)
     try:
         sched = Scheduler(plan, wdirs, spec.workers, spec.max_attempts, skip=done, on_done=journal.record,
-                          cache_dir=spec.cache_dir, io=spec.io)
+                          cache_dir=spec.cache_dir, io=spec.io, device=getattr(spec, "device", "auto"))
         left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
         stats = sched.run(Progress(left, per_task=len(outs)) if progress else None)
     finally:
@@ -182,7 +205,8 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
             "alpha": alpha,
             "alpha_rules": [r.describe() for r in spec.rules()],
             "sweep": list(spec.alphas) if spec.sweep else None,
-            "settings": {"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": spec.io},
+            "settings": {"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": spec.io,
+                         "device": getattr(spec, "device", "auto")},
             "tasks": len(plan.tasks),
             "tasks_resumed": len(done),
             "task_attempts": stats.attempts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +36,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         cwd = None
     try:
         if address:
-            ray.init(address=address, **kwargs)
+            with _own_sigterm(callable(own_sigterm)):
+                ray.init(address=address, **kwargs)
             return False
         # address="local": a Ray of our own, even where /tmp/ray/ray_current_cluster names a cluster someone
         # started on this machine (plain ray.init() would join that one); RAY_ADDRESS still wins (ray job submit)
@@ -45,7 +47,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            with _own_sigterm(callable(own_sigterm)):
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        except BaseException:  # SIGTERM or Ctrl-C mid-start: stop what was started, then unwind
+            _stop_quietly()
+            raise
         finally:
             quiet.setLevel(level)
         return True
@@ -58,6 +64,41 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         # stop Ray, keep the journal), put that one back
         if callable(own_sigterm) and signal.getsignal(signal.SIGTERM) is not own_sigterm:
             signal.signal(signal.SIGTERM, own_sigterm)
+
+
+@contextlib.contextmanager
+def _own_sigterm(keep: bool):
+    """While Ray starts, keep the CLI's SIGTERM handler. ray.init and Ray's node each put in their own (one
+    exits with status 15, the other kills Ray's processes and exits with 1), so a SIGTERM during the start
+    would skip our unwinding and lose the exit code 143 (measured: 15, or an abort, for SIGTERMs 0.5-2 s into
+    the run). This reaches into ray._private: where that is not there, Ray's handlers go in as before and
+    connect() puts ours back after the start."""
+    utils = None
+    if keep:
+        try:
+            from ray._private import utils
+        except ImportError:
+            utils = None
+    original = getattr(utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+
+
+def _stop_quietly() -> None:
+    import ray
+
+    try:
+        shutdown()
+    except Exception as e:  # noqa: BLE001 - already unwinding from the real error
+        log.debug("ray shutdown after a failed start: %s", e)
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def shutdown() -> None:
