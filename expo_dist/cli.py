@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import ExpoError
@@ -35,8 +36,16 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
                    help="how workers read and write: direct (O_DIRECT: large transfers bypass the page cache), "
                         "buffered (through the page cache), or auto (default: direct on local ext4/xfs/btrfs, "
                         "buffered on network and parallel file systems)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"),
+                   help="auto: a GPU per worker where the cluster has GPUs, else CPU; cpu: never use GPUs; "
+                        "cuda: require GPUs")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from .spec import fields_help
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the field list's lines; flags as usual
+    p.epilog = ("--config YAML keys (each flag above is its key with dashes and overrides the file), each checked "
+                "against its type:\n" + fields_help())
 
 
 def _spec(args):
@@ -44,7 +53,7 @@ def _spec(args):
 
     overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "workers",
                                                "max_task_bytes", "max_shard_size", "overwrite", "max_attempts",
-                                               "cache_dir", "io")}
+                                               "cache_dir", "io", "device")}
     if overrides["alpha"] is not None and len(overrides["alpha"]) == 1:
         overrides["alpha"] = overrides["alpha"][0]
     return build_spec(args.config, overrides)
@@ -89,7 +98,8 @@ def cmd_verify(args) -> int:
 
         cfg = load_config(args.config)
         sft, aligned = sft or cfg.get("sft"), aligned or cfg.get("aligned")
-        alpha = alpha if alpha is not None else cfg.get("alpha")
+        if alpha is None and not isinstance(cfg.get("alpha"), list):  # a sweep: each folder's manifest says
+            alpha = cfg.get("alpha")
     report = verify(args.out, sft=sft, aligned=aligned, alpha=alpha, sample=None if args.full else args.sample,
                     seed=args.seed, verbose=args.verbose)
     print(report.verdict())
@@ -130,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     except ExpoError as e:
         print(f"expo-dist: error: {e}", file=sys.stderr)
         return e.exit_code
-    except Terminated:
-        print("expo-dist: terminated (SIGTERM); Ray stopped, the finished tasks are kept: rerun the same command "
-              "to resume", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ray's waits re-raise a plain KeyboardInterrupt: the flag says which signal it was
+        if TERMINATED.is_set():
+            print("expo-dist: terminated (SIGTERM); Ray stopped, the finished tasks are kept: rerun the same "
+                  "command to resume", file=sys.stderr)
+            return 143
         print("expo-dist: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
@@ -143,10 +153,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (scancel, kill, a pre-empted node)."""
 
 
+TERMINATED = threading.Event()  # set by the SIGTERM handler: wherever the unwinding lands, the exit code is 143
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C: the merge's finally blocks close the journal and stop the embedded Ray
-    (its processes would otherwise be left to notice the driver is gone). Only where nobody set a handler."""
+    (its processes would otherwise be left to notice the driver is gone). Only where nobody set a handler.
+    (session.connect keeps Ray from putting in its own handler while it starts.)"""
     def handler(signum, frame):
+        TERMINATED.set()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise Terminated()
 

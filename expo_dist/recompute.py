@@ -8,12 +8,13 @@ read in chunks of elements with positional reads, so memory stays bounded whatev
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import TYPE_CHECKING, Callable
 
-from .dtypes import itemsize, torch_dtype
+import numpy as np
+
+from .dtypes import is_float, itemsize, torch_dtype
 from .errors import ExpoError
 from .fetch import local_path  # a Hub input's weight file is named by an hf:// ref: its file in this cache
 from .fileio import pread_into
@@ -52,12 +53,14 @@ class _Files:
 
 
 def _manifest_rules(out: str):
-    """The per-tensor alpha rules the merge recorded in its manifest (none for older manifests)."""
-    try:
-        with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
-            return parse_rules(json.load(f).get("alpha_rules") or None)
-    except (OSError, ValueError):
+    """The per-tensor alpha rules the merge recorded in its manifest (none for older manifests; a manifest
+    that cannot be read is a problem check_structure reports)."""
+    from .verify import read_manifest
+
+    manifest, _ = read_manifest(out)
+    if manifest is None:
         return []
+    return parse_rules(manifest.get("alpha_rules") or None, f"{os.path.join(out, MANIFEST)}: alpha_rules")
 
 
 def _sources(index: ModelIndex):
@@ -146,14 +149,17 @@ def check_values(out_idx: ModelIndex, sft_root: str, aligned_root: str, alpha: f
 
 def _check_segment(files: _Files, seg: Segment, out_file: str, out_begin: int, first: int, chunk: int,
                    report: Report) -> tuple[int, str]:
-    """Compare one segment of the output, chunk by chunk. Returns (elements that differ, first difference)."""
+    """Compare one segment of the output, chunk by chunk. Returns (elements that differ, first difference).
+
+    Copied elements are compared as bytes, whatever their dtype (every safetensors dtype: FP8 and unsigned
+    integers too); only extrapolated ones, always a kernel float, are computed with torch."""
     import torch
 
     from .kernel import round_f64_to
 
     asz, ssz, osz = itemsize(seg.a_dtype), itemsize(seg.s_dtype), itemsize(seg.out_dtype)
-    odt = torch_dtype(seg.out_dtype)
-    floating = odt.is_floating_point
+    odt = seg.out_dtype
+    floating = is_float(odt)
     bad, where = 0, ""
     for lo in range(0, seg.count, chunk):
         k = min(chunk, seg.count - lo)
@@ -162,38 +168,69 @@ def _check_segment(files: _Files, seg: Segment, out_file: str, out_begin: int, f
         if seg.op == COPY:
             exp_raw = bytes(a_raw)
             if floating:
-                report.nonfinite_in += _nonfinite(a_raw, odt)
+                report.nonfinite_in += int(_nonfinite_mask(a_raw, odt).sum())
         else:
             a = torch.frombuffer(a_raw, dtype=torch_dtype(seg.a_dtype)).to(torch.float64)
             s = torch.frombuffer(files.pread(seg.s_file, seg.s_offset + lo * ssz, k * ssz),
                                  dtype=torch_dtype(seg.s_dtype)).to(torch.float64)
             report.nonfinite_in += int((~torch.isfinite(a)).sum()) + int((~torch.isfinite(s)).sum())
-            exp_raw = round_f64_to(a + seg.alpha * (a - s), odt).view(torch.uint8).numpy().tobytes()
+            exp_raw = round_f64_to(a + seg.alpha * (a - s), torch_dtype(odt)).view(torch.uint8).numpy().tobytes()
         report.elements += k
         if floating:
-            report.nonfinite_out += _nonfinite(got_raw, odt)
+            report.nonfinite_out += int(_nonfinite_mask(got_raw, odt).sum())
         if bytes(got_raw) == exp_raw:
             continue
-        got = torch.frombuffer(got_raw, dtype=torch.uint8).view(-1, osz)
-        exp = torch.frombuffer(bytearray(exp_raw), dtype=torch.uint8).view(-1, osz)
-        diff = (got != exp).any(dim=1)
+        got = np.frombuffer(bytes(got_raw), dtype=np.uint8).reshape(-1, osz)
+        exp = np.frombuffer(exp_raw, dtype=np.uint8).reshape(-1, osz)
+        diff = (got != exp).any(axis=1)
         if floating:  # any NaN stands for any NaN (payloads and signs of NaN carry no value)
-            g, e = got.reshape(-1).view(odt), exp.reshape(-1).view(odt)
-            diff &= ~(torch.isnan(g) & torch.isnan(e))
+            diff &= ~(_nan_mask(got_raw, odt) & _nan_mask(exp_raw, odt))
         n = int(diff.sum())
         if n and not where:
-            i = int(diff.nonzero()[0])
-            if floating:
-                gv, ev = got.reshape(-1).view(odt)[i].item(), exp.reshape(-1).view(odt)[i].item()
-            else:
-                gv, ev = got[i].tolist(), exp[i].tolist()
-            where = f"first at element {first + lo + i}: output {gv!r}, expected {ev!r}"
+            i = int(np.flatnonzero(diff)[0])
+            where = (f"first at element {first + lo + i}: output {_value(got[i], odt)}, "
+                     f"expected {_value(exp[i], odt)}")
         bad += n
     return bad, where
 
 
-def _nonfinite(raw: bytearray, dtype) -> int:
-    import torch
+# numpy views of the dtypes numpy has (safetensors data is little endian)
+_NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+       "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "u1"}
 
-    t = torch.frombuffer(raw, dtype=dtype)
-    return int((~torch.isfinite(t)).sum())
+
+def _nan_mask(raw, dtype: str) -> np.ndarray:
+    """NaN elements of raw little-endian data of a float dtype, from the bits (no torch dtype needed)."""
+    if dtype == "BF16":
+        u = np.frombuffer(bytes(raw), dtype="<u2")
+        return (u & 0x7FFF) > 0x7F80
+    if dtype == "F8_E4M3":  # e4m3fn: S.1111.111 is NaN; there is no infinity
+        u = np.frombuffer(bytes(raw), dtype=np.uint8)
+        return (u & 0x7F) == 0x7F
+    if dtype == "F8_E5M2":  # IEEE-like: exponent all ones, mantissa non-zero
+        u = np.frombuffer(bytes(raw), dtype=np.uint8)
+        return ((u & 0x7C) == 0x7C) & ((u & 0x03) != 0)
+    return np.isnan(np.frombuffer(bytes(raw), dtype=_NP[dtype]))
+
+
+def _nonfinite_mask(raw, dtype: str) -> np.ndarray:
+    """NaN and infinite elements of raw little-endian data of a float dtype."""
+    if dtype == "BF16":
+        u = np.frombuffer(bytes(raw), dtype="<u2")
+        return (u & 0x7F80) == 0x7F80
+    if dtype == "F8_E4M3":
+        return _nan_mask(raw, dtype)
+    if dtype == "F8_E5M2":
+        u = np.frombuffer(bytes(raw), dtype=np.uint8)
+        return (u & 0x7C) == 0x7C
+    return ~np.isfinite(np.frombuffer(bytes(raw), dtype=_NP[dtype]))
+
+
+def _value(raw_elem: np.ndarray, dtype: str) -> str:
+    """One element for a problem line: its value where numpy can read the dtype, else its bytes in hex."""
+    data = raw_elem.tobytes()
+    if dtype in _NP and dtype != "BOOL":
+        return repr(np.frombuffer(data, dtype=_NP[dtype])[0].item())
+    if dtype == "BF16":
+        return repr(float(np.frombuffer(b"\0\0" + data, dtype="<f4")[0]))
+    return "0x" + data[::-1].hex()

@@ -17,6 +17,7 @@ def plan_report(plan: Plan, spec) -> dict:
         "alpha": spec.alpha,
         "alpha_rules": [r.describe() for r in spec.rules()],
         "outputs": spec.out_dirs() if spec.out else None,
+        "device": getattr(spec, "device", "auto"),  # auto | cuda | cpu (--device)
         "tensors": dict(ops),
         "decisions": {n: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "note": d.note}
                       for n, d in plan.decisions.items() if d.op != "extrapolate"},

@@ -41,38 +41,62 @@ class Rule:
         return out
 
 
-def parse_rules(raw) -> list[Rule]:
+def parse_rules(raw, label: str = "alpha_rules") -> list[Rule]:
+    """Check and read the rules; anything else than the documented form is one ExpoError line naming the rule."""
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise ExpoError("alpha_rules must be a list of {match|regex: PATTERN, alpha|scale: NUMBER}")
+        raise ExpoError(f"{label} must be a list of {{match|regex: PATTERN, alpha|scale: NUMBER}}, got "
+                        f"{kind_of(raw)}")
     rules = []
     for i, item in enumerate(raw):
-        where = f"alpha_rules[{i}]"
+        where = f"{label}[{i}]"
         if not isinstance(item, dict):
-            raise ExpoError(f"{where}: must be a mapping like {{match: 'model.embed_tokens.*', alpha: 0}}")
+            raise ExpoError(f"{where}: must be a mapping like {{match: 'model.embed_tokens.*', alpha: 0}}, "
+                            f"got {kind_of(item)}")
+        if not all(isinstance(k, str) for k in item):
+            raise ExpoError(f"{where}: keys must be match/regex and alpha/scale, got a key that is "
+                            f"{kind_of(next(k for k in item if not isinstance(k, str)))}")
         keys = set(item)
         kinds = keys & {"match", "regex"}
         values = keys & {"alpha", "scale"}
         if len(kinds) != 1 or len(values) != 1 or keys - {"match", "regex", "alpha", "scale"}:
-            raise ExpoError(f"{where}: give exactly one of match/regex and one of alpha/scale (got {sorted(keys)})")
+            shown = sorted(keys)[:6]
+            raise ExpoError(f"{where}: give exactly one of match/regex and one of alpha/scale "
+                            f"(got {[k[:40] for k in shown]})")
         kind, vkey = kinds.pop(), values.pop()
         pattern = item[kind]
         if not isinstance(pattern, str) or not pattern:
-            raise ExpoError(f"{where}: {kind} must be a non-empty string")
+            raise ExpoError(f"{where}: {kind} must be a non-empty string, got {kind_of(pattern)}")
         if kind == "regex":
             try:
                 re.compile(pattern)
-            except re.error as e:
-                raise ExpoError(f"{where}: bad regex {pattern!r} ({e})") from None
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ExpoError(f"{where}: bad regex {pattern[:60]!r} ({str(e)[:80]})") from None
+        value = item[vkey]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ExpoError(f"{where}: {vkey} must be a number, got {kind_of(value)}")
         try:
-            value = float(item[vkey])
-        except (TypeError, ValueError):
-            raise ExpoError(f"{where}: {vkey} must be a number, got {item[vkey]!r}") from None
+            value = float(value.strip() if isinstance(value, str) else value)
+        except ValueError:
+            raise ExpoError(f"{where}: {vkey} must be a number, got {item[vkey][:40]!r}") from None
+        except OverflowError:
+            value = math.inf
         if not math.isfinite(value):
-            raise ExpoError(f"{where}: {vkey} must be finite, got {item[vkey]!r}")
+            raise ExpoError(f"{where}: {vkey} must be a finite number")
         rules.append(Rule(kind, pattern, value if vkey == "alpha" else None, value if vkey == "scale" else None))
     return rules
+
+
+def kind_of(value) -> str:
+    """What a config value is, in words, for error lines."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for t, name in ((int, "an integer"), (float, "a number"), (str, "a string"), ((list, tuple), "a list"),
+                    (dict, "a mapping")):
+        if isinstance(value, t):
+            return name
+    return "null" if value is None else f"a {type(value).__name__}"
 
 
 def alphas_for(alphas: tuple[float, ...], rules: list[Rule]) -> Callable[[str], tuple[float, ...]]:

@@ -1,29 +1,240 @@
-"""MergeSpec: the validated description of one merge, from CLI flags and/or a YAML config."""
+"""MergeSpec: the validated description of one merge, from CLI flags and/or a YAML config.
+
+FIELDS is the one schema of the merge config: every YAML key (the CLI flag is the key with dashes, e.g.
+max_shard_size and --max-shard-size), its type and what it does. load_config checks a YAML file against it,
+key by key, and MergeSpec.validate checks what the flags and the Python API give the same way; a wrong type or
+an out-of-range value is one ExpoError line naming the key. Nothing is coerced: YAML `yes`/`true` is no number
+or size, the string 'false' is no boolean.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+import re
+import reprlib
+from dataclasses import dataclass
 
 import yaml
 
 from .errors import ExpoError
 from .plan import parse_size
+from .rules import kind_of, parse_rules
 
 DEFAULT_TASK_BYTES = 256 << 20
 DEFAULT_SHARD_SIZE = "5GB"
+MIN_TASK_BYTES = 1 << 20
+MAX_SIZE = 1 << 60  # 1 EiB: far above any model, far below what byte offsets can hold
+MAX_WORKERS = 100_000
+MAX_ATTEMPTS = 1000
+IO_MODES = ("auto", "direct", "buffered")
+DEVICES = ("auto", "cuda", "cpu")
+MAX_CONFIG_BYTES = 1 << 20
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: fast, and bounds nesting itself
+DEVICE_HELP = "auto: a GPU per worker where the cluster has GPUs, else CPU; cpu: never use GPUs; cuda: require GPUs"
+
+# key -> (type, one-line description): the merge config's fields, in the order the help lists them
+FIELDS: dict[str, tuple[str, str]] = {
+    "sft": ("string", "the SFT model (the starting point of alignment): a folder or a Hub repo id "
+                      "org/name[@revision]"),
+    "aligned": ("string", "the aligned (DPO/RLHF) model trained from the SFT model: a folder or a Hub repo id "
+                          "org/name[@revision]"),
+    "alpha": ("number or list of numbers", "extrapolation strength (finite; the paper used 0.1-0.5); a list "
+                                           "sweeps: one output folder OUT/alpha-<value> per value"),
+    "out": ("string", "output folder, on a path every node sees; empty, or holding an unfinished merge of the "
+                      "same plan (which resumes)"),
+    "address": ("string", "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start an embedded "
+                          "Ray on this machine)"),
+    "workers": ("integer >= 1", "at most this many worker actors (default: one per GPU, else one per CPU)"),
+    "max_task_bytes": ("size >= 1MiB", "output bytes per task: an integer or a string like 256MiB "
+                                       "(default 256MiB)"),
+    "max_shard_size": ("size >= 1", "output shard size: an integer or a string like 5GB (default 5GB)"),
+    "overwrite": ("boolean", "replace what an earlier merge wrote in out (default false)"),
+    "max_attempts": ("integer >= 1", "runs of one task before the merge fails (default 4)"),
+    "cache_dir": ("string", "Hugging Face cache for Hub models, on every node (default: HF_HUB_CACHE, i.e. "
+                            "$HF_HOME/hub)"),
+    "alpha_rules": ("list of mappings", "per-tensor alpha, first match wins: {match: GLOB or regex: REGEX, "
+                                        "alpha: NUMBER or scale: NUMBER} (YAML only: no flag)"),
+    "io": ("auto | direct | buffered", "how workers read and write (default: EXPO_IO, else auto)"),
+    "device": ("auto | cuda | cpu", "where workers compute (default auto). " + DEVICE_HELP),
+}
+# keys a config file may hold for people, ignored by the merge
+COMMENT_KEYS: dict[str, tuple[str, str]] = {
+    "description": ("any", "free text about the config (ignored)"),
+    "notes": ("any", "free text about the config (ignored)"),
+}
 
 
-def parse_alpha(value) -> float:
-    """A finite alpha, or one line saying what is wrong."""
+def fields_help() -> str:
+    """The config's fields, one line each (for --help and the docs)."""
+    width = max(map(len, FIELDS))
+    return "\n".join(f"  {k:<{width}}  {t}: {d}" for k, (t, d) in FIELDS.items())
+
+
+# ---- the type checks: (label, value) -> the value in its one accepted form, or one ExpoError line --------------
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 4, 50, 50
+
+
+def show_value(value) -> str:
+    """A short one-line repr that never fails or blows up (huge integers, deep nesting, YAML aliases that share
+    one list thousands of times, long strings), with what kind of value it is."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     try:
-        a = float(value)
-    except (TypeError, ValueError):
-        raise ExpoError(f"--alpha must be a number, got {value!r}") from None
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):
+        text = "..."
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({kind_of(value)})"
+
+
+def _fail(label: str, want: str, value):
+    raise ExpoError(f"{label} must be {want}, got {show_value(value)}")
+
+
+def check_string(label: str, value) -> str:
+    if isinstance(value, os.PathLike):  # the Python API: a pathlib.Path for a folder
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        _fail(label, "a non-empty string", value)
+    if "\x00" in value:
+        _fail(label, "a string without NUL characters", value)
+    return value
+
+
+def check_bool(label: str, value) -> bool:
+    if not isinstance(value, bool):
+        _fail(label, "true or false (a boolean, not a string or number)", value)
+    return value
+
+
+def check_int(label: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool):
+        _fail(label, "an integer", value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", value):
+        value = int(value)
+    if not isinstance(value, int):
+        _fail(label, "an integer", value)
+    if value < lo:
+        raise ExpoError(f"{label} must be at least {lo}, got {show_value(value)}")
+    if value > hi:
+        raise ExpoError(f"{label} must be at most {hi}, got {show_value(value)}")
+    return value
+
+
+def _size_text(n: int) -> str:
+    return "1MiB" if n == MIN_TASK_BYTES else "1EiB" if n == MAX_SIZE else f"{n} byte{'s' * (n != 1)}"
+
+
+def check_size(label: str, value, lo: int = 1) -> int:
+    """An integer number of bytes, or a size string like 5GB / 256MiB (plan.parse_size); lo <= size <= 1EiB."""
+    want = "a size: an integer number of bytes or a string like 5GB or 256MiB"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        _fail(label, want, value)
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            _fail(label, want, value)
+        value = int(value)
+    if isinstance(value, str):
+        if len(value) > 100:
+            _fail(label, want, value)
+        try:
+            value = parse_size(value)
+        except ExpoError as e:
+            raise ExpoError(f"{label}: {e}") from None
+        except (OverflowError, ValueError):
+            _fail(label, want, value)
+    if value < lo:
+        raise ExpoError(f"{label} must be at least {_size_text(lo)}, got {show_value(value)}")
+    if value > MAX_SIZE:
+        raise ExpoError(f"{label} must be at most {_size_text(MAX_SIZE)}, got {show_value(value)}")
+    return value
+
+
+def check_number(label: str, value) -> float:
+    """A finite number: an int or float (never a boolean), or a string that reads as one (the CLI gives strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ExpoError(f"{label} must be a number, got {show_value(value)}")
+    try:
+        a = float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise ExpoError(f"{label} must be a number, got {show_value(value)}") from None
+    except OverflowError:
+        raise ExpoError(f"{label} must be a finite number, got {show_value(value)}") from None
     if not math.isfinite(a):
-        raise ExpoError(f"--alpha must be a finite number, got {value!r}")
+        raise ExpoError(f"{label} must be a finite number, got {show_value(value)}")
     return a
+
+
+def parse_alpha(value, label: str = "--alpha") -> float:
+    """A finite alpha, or one line saying what is wrong."""
+    return check_number(label, value)
+
+
+def check_alpha(label: str, value) -> float | list[float]:
+    """One alpha, or several (a list, or a comma-separated string) for a sweep."""
+    raw = value
+    if isinstance(raw, str) and "," in raw:
+        raw = [x for x in raw.split(",") if x.strip()]
+    if isinstance(raw, (list, tuple)):
+        if not raw:
+            raise ExpoError(f"{label} needs a value")
+        alphas = [check_number(label, v) for v in raw]
+        if len({f"{a:g}" for a in alphas}) != len(alphas):
+            raise ExpoError(f"{label} lists a value twice: {show_value(list(raw))}")
+        return alphas if len(alphas) > 1 else alphas[0]
+    return check_number(label, raw)
+
+
+def check_choice(label: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        _fail(label, "one of " + ", ".join(choices), value)
+    return value.strip().lower()
+
+
+def check_rules(label: str, value) -> list:
+    if not isinstance(value, list):
+        _fail(label, "a list of mappings like {match: 'model.embed_tokens.*', alpha: 0}", value)
+    parse_rules(value, label)
+    return value
+
+
+_CHECKS = {
+    "sft": check_string,
+    "aligned": check_string,
+    "alpha": check_alpha,
+    "out": check_string,
+    "address": check_string,
+    "workers": lambda label, v: check_int(label, v, 1, MAX_WORKERS),
+    "max_task_bytes": lambda label, v: check_size(label, v, MIN_TASK_BYTES),
+    "max_shard_size": lambda label, v: check_size(label, v, 1),
+    "overwrite": check_bool,
+    "max_attempts": lambda label, v: check_int(label, v, 1, MAX_ATTEMPTS),
+    "cache_dir": check_string,
+    "alpha_rules": check_rules,
+    "io": lambda label, v: check_choice(label, v, IO_MODES),
+    "device": lambda label, v: check_choice(label, v, DEVICES),
+}
+
+
+NO_FLAG = {"alpha_rules"}  # YAML (or the Python API) only
+
+
+def flag(key: str) -> str:
+    """How errors name a field that did not come from a config file: its flag (alpha_rules has none)."""
+    return key if key in NO_FLAG else "--" + key.replace("_", "-")
+
+
+def check_field(key: str, value, label: str | None = None):
+    """One field against the schema; None (not given) stays None."""
+    if value is None:
+        return None
+    return _CHECKS[key](label or flag(key), value)
 
 
 @dataclass
@@ -41,6 +252,7 @@ class MergeSpec:
     cache_dir: str | None = None  # Hugging Face Hub cache for Hub sources (default: HF_HUB_CACHE / HF_HOME)
     alpha_rules: list | None = None  # per-tensor alpha: see expo_dist.rules
     io: str | None = None  # auto | direct | buffered (None: EXPO_IO, else auto); see expo_dist.fileio
+    device: str = "auto"  # auto | cuda | cpu: see DEVICE_HELP
 
     @property
     def alphas(self) -> tuple[float, ...]:
@@ -57,41 +269,32 @@ class MergeSpec:
         return [os.path.join(self.out, f"alpha-{a:g}") for a in self.alphas]
 
     def rules(self):
-        from .rules import parse_rules
-
         return parse_rules(self.alpha_rules)
 
     def validate(self, need_out: bool = True) -> "MergeSpec":
         for key in ("sft", "aligned"):
-            if not getattr(self, key):
+            if getattr(self, key) is None:
                 raise ExpoError(f"missing --{key} (a model folder or Hub repo id)")
-        if need_out and not self.out:
+        if need_out and self.out is None:
             raise ExpoError("missing --out (the output folder)")
-        raw = self.alpha
-        if isinstance(raw, str) and "," in raw:
-            raw = [x for x in raw.split(",") if x.strip()]
-        values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-        if not values:
-            raise ExpoError("--alpha needs a value")
-        alphas = [parse_alpha(v) for v in values]
-        if len({f"{a:g}" for a in alphas}) != len(alphas):
-            raise ExpoError(f"--alpha lists a value twice: {values}")
-        self.alpha = alphas if len(alphas) > 1 else alphas[0]
-        self.rules()  # refuse bad rules before any work
-        self.max_task_bytes = parse_size(self.max_task_bytes)
-        self.max_shard_size = parse_size(self.max_shard_size)
-        if self.max_task_bytes < 1 << 20:
-            raise ExpoError("--max-task-bytes must be at least 1MiB")
-        if self.max_shard_size <= 0:
-            raise ExpoError("--max-shard-size must be positive")
-        if int(self.max_attempts) < 1:
-            raise ExpoError("--max-attempts must be at least 1")
-        if self.workers is not None and int(self.workers) < 1:
-            raise ExpoError("--workers must be at least 1")
+        if self.alpha is None:
+            raise ExpoError("missing --alpha")
+        for key in FIELDS:  # every field against the schema, named by its flag
+            setattr(self, key, check_field(key, getattr(self, key)))
+        if self.max_task_bytes is None:
+            self.max_task_bytes = DEFAULT_TASK_BYTES
+        if self.max_shard_size is None:
+            self.max_shard_size = parse_size(DEFAULT_SHARD_SIZE)
+        if self.overwrite is None:
+            self.overwrite = False
+        if self.max_attempts is None:
+            self.max_attempts = 4
+        if self.device is None:
+            self.device = "auto"
         if self.out:
             self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.cache_dir:
-            self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
+            self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
         from .fileio import io_mode
 
         self.io = io_mode(self.io)
@@ -103,24 +306,46 @@ class MergeSpec:
 
 
 def load_config(path: str) -> dict:
+    """A YAML merge config, every key checked against FIELDS (one ExpoError line naming the key)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise ExpoError(f"{path}: cannot read config ({e.strerror})") from None
+        raise ExpoError(f"{path}: cannot read config ({e.strerror or e.__class__.__name__})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ExpoError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a merge config is a few lines of YAML")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ExpoError(f"{path}: not a UTF-8 text file (byte {e.start} is 0x{raw[e.start]:02x}); a config is "
+                        "YAML text") from None
+    try:
+        doc = yaml.load(text, Loader=_LOADER)  # safe: plain data only, never Python objects
     except yaml.YAMLError as e:
-        raise ExpoError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        first = " ".join(str(e).split())[:160]
+        raise ExpoError(f"{path}: not valid YAML ({first or e.__class__.__name__})") from None
+    except RecursionError:
+        raise ExpoError(f"{path}: not a usable config (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer too long to read
+        raise ExpoError(f"{path}: not a usable config ({str(e).splitlines()[0][:100]})") from None
+    if doc is None:
+        doc = {}
     if not isinstance(doc, dict):
-        raise ExpoError(f"{path}: a config must be a YAML mapping of merge options")
-    known = {f.name for f in fields(MergeSpec)} | {"description", "notes"}
+        raise ExpoError(f"{path}: a config must be a YAML mapping of merge options, got {kind_of(doc)}")
+    known = set(FIELDS) | set(COMMENT_KEYS)
     cfg = {}
     for key, val in doc.items():
-        k = str(key).replace("-", "_")
+        k = key.replace("-", "_") if isinstance(key, str) else None
         if k not in known:
-            raise ExpoError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+            raise ExpoError(f"{path}: unknown key {show_value(key).rsplit(' (', 1)[0]} (known: {', '.join(FIELDS)}; "
+                            "`expo-dist merge --help` describes them)")
+        if k in cfg:
+            raise ExpoError(f"{path}: key {k} given twice")
         cfg[k] = val
     cfg.pop("description", None)
     cfg.pop("notes", None)
+    for k, val in cfg.items():
+        cfg[k] = check_field(k, val, f"{path}: {k}")
     return cfg
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,9 +22,10 @@ from .finalize import INDEX, MANIFEST, WORK
 from .index import ModelIndex, index_model
 from .plan import natural_key
 from .recompute import CHUNK_ELEMS, DEFAULT_SAMPLE, check_values
-from .spec import parse_alpha
+from .spec import parse_alpha, show_value
 
 HASH_CHUNK = 16 << 20
+MAX_JSON = 256 << 20  # an index or manifest: kilobytes to a few megabytes
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Report:
     def verdict(self) -> str:
         if not self.ok:
             more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
-            return f"verify: FAILED {self.out}: {self.problems[0]}{more}"
+            return printable(f"verify: FAILED {self.out}: {self.problems[0]}{more}")
         msg = (f"verify: OK {self.out}: {self.files} file(s), {self.tensors} tensors, {self.total_size} bytes, "
                f"sha256 of {self.hashed} file(s) match the manifest")
         if self.with_inputs:
@@ -58,7 +60,15 @@ class Report:
                 msg += f"; NaN/Inf: {self.nonfinite_in} in the inputs, {self.nonfinite_out} in the output"
         else:
             msg += "; values not recomputed (give --sft and --aligned)"
-        return msg
+        return printable(msg)
+
+
+def printable(text: str) -> str:
+    """One printable line: names and values from a damaged file (newlines, control characters, lone surrogates
+    that no terminal encoding can write) appear escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _sha256(path: str) -> tuple[str, int]:
@@ -75,6 +85,41 @@ def _sha256(path: str) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+# What reading a damaged output's metadata can raise besides ExpoError (wrong JSON types where the readers expect
+# others, nesting too deep for the JSON parser, numbers too long to read, bytes that are not UTF-8): each is a
+# FAILED verdict naming the file, never a traceback.
+DAMAGE = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError, struct.error)
+
+
+def _damage(e: BaseException) -> str:
+    text = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+def read_json(path: str) -> tuple[object, str | None]:
+    """(document, None), or (None, why it cannot be read) for a missing, unreadable or damaged JSON file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON + 1)
+        if len(raw) > MAX_JSON:
+            return None, f"larger than {MAX_JSON} bytes, far more than any the merge writes"
+        return json.loads(raw.decode("utf-8")), None
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or e.__class__.__name__})"
+    except DAMAGE as e:
+        return None, f"not valid JSON ({_damage(e)})"
+
+
+def read_manifest(out: str) -> tuple[dict | None, str | None]:
+    """The output's manifest as a JSON object, or (None, why not)."""
+    doc, why = read_json(os.path.join(out, MANIFEST))
+    if why is None and not isinstance(doc, dict):
+        doc, why = None, "not a JSON object"
+    return doc, why
+
+
 def check_structure(out: str, report: Report, say: Callable[[str], None]) -> ModelIndex | None:
     """Index, headers, sizes, total_size, manifest checksums. Returns the output's index if it could be read."""
     if os.path.isdir(os.path.join(out, WORK)):
@@ -85,48 +130,91 @@ def check_structure(out: str, report: Report, say: Callable[[str], None]) -> Mod
     except ExpoError as e:
         report.problems.append(str(e))
         return None
+    except DAMAGE as e:  # a reader met a damaged file it did not expect: the output is not sound
+        report.problems.append(f"{out}: index or headers damaged ({_damage(e)})")
+        return None
     report.files, report.tensors, report.total_size = len(idx.files), len(idx.tensors), idx.total_bytes
     index_path = os.path.join(out, INDEX)
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            total = (json.load(f).get("metadata") or {}).get("total_size")
-        if total != idx.total_bytes:
-            report.problems.append(f"{index_path}: metadata.total_size is {total!r}, the tensors hold "
+        doc, why = read_json(index_path)
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        total = meta.get("total_size") if isinstance(meta, dict) else None
+        if why is not None:
+            report.problems.append(f"{index_path}: {why}")
+        elif type(total) is not int or total != idx.total_bytes:
+            report.problems.append(f"{index_path}: metadata.total_size is {_short(total)}, the tensors hold "
                                    f"{idx.total_bytes} bytes")
     for path, header in idx.files.items():
         if header.metadata.get("format") != "pt":
             report.problems.append(f"{path}: header __metadata__ lacks format=pt (transformers needs it)")
     manifest_path = os.path.join(out, MANIFEST)
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        recorded = manifest["files"]
-        assert isinstance(recorded, dict)
-    except FileNotFoundError:
+    manifest, why = read_manifest(out)
+    if why == "missing":
         report.problems.append(f"{manifest_path}: missing; cannot check the weight files' sha256")
         return idx
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        report.problems.append(f"{manifest_path}: unreadable ({e.__class__.__name__}: {e})")
+    recorded = manifest.get("files") if manifest is not None else None
+    if why is None and not isinstance(recorded, dict):
+        why = "has no 'files' object"
+    if why is not None:
+        report.problems.append(f"{manifest_path}: unreadable ({why})")
         return idx
+    _check_manifest_tensors(manifest, manifest_path, idx, report)
     names = {os.path.basename(p) for p in idx.files}
     for name in sorted(set(recorded) - names):
-        report.problems.append(f"{manifest_path}: lists {name}, which is not part of the weights")
+        report.problems.append(f"{manifest_path}: lists {name[:200]!r}, which is not part of the weights")
     for name in sorted(names - set(recorded)):
         report.problems.append(f"{os.path.join(out, name)}: not listed in {MANIFEST}")
     for name in sorted(names & set(recorded), key=natural_key):
-        rec = recorded[name] or {}
+        rec = recorded[name]
         path = os.path.join(out, name)
+        if not isinstance(rec, dict):
+            report.problems.append(f"{manifest_path}: the entry of {name} is not a JSON object")
+            continue
         digest, size = _sha256(path)
-        if rec.get("size") not in (None, size):
-            report.problems.append(f"{path}: {size} bytes, the manifest says {rec.get('size')}")
+        if rec.get("size") is not None and (type(rec.get("size")) is not int or rec.get("size") != size):
+            report.problems.append(f"{path}: {size} bytes, the manifest says {_short(rec.get('size'))}")
         if rec.get("sha256") != digest:
             report.problems.append(f"{path}: sha256 {digest[:16]}... differs from the manifest's "
-                                   f"{str(rec.get('sha256'))[:16]}... (file changed or corrupt)")
+                                   f"{_short(rec.get('sha256'))[:16]}... (file changed or corrupt)")
         else:
             report.hashed += 1
         say(f"{name}: {size} bytes, sha256 {digest[:16]}... ok" if rec.get("sha256") == digest else
             f"{name}: {size} bytes, sha256 {digest[:16]}... MISMATCH")
     return idx
+
+
+def _check_manifest_tensors(manifest: dict, manifest_path: str, idx: ModelIndex, report: Report) -> None:
+    """The manifest's total_size and per-tensor dtype and shape against the output's headers (where recorded)."""
+    if "total_size" in manifest and (type(manifest["total_size"]) is not int
+                                     or manifest["total_size"] != idx.total_bytes):
+        report.problems.append(f"{manifest_path}: total_size is {_short(manifest['total_size'])}, the tensors "
+                               f"hold {idx.total_bytes} bytes")
+    tensors = manifest.get("tensors")
+    if tensors is None:
+        return
+    if not isinstance(tensors, dict):
+        report.problems.append(f"{manifest_path}: 'tensors' is not a JSON object")
+        return
+    for name in sorted(set(idx.tensors) - set(tensors), key=natural_key)[:1]:
+        report.problems.append(f"{manifest_path}: does not list tensor {name!r} of the output")
+    for name in sorted(set(tensors) - set(idx.tensors), key=natural_key):
+        rec = tensors[name]
+        if not (isinstance(rec, dict) and rec.get("op") == "dropped-tied"):
+            report.problems.append(f"{manifest_path}: lists tensor {name[:200]!r}, which the output lacks")
+            break
+    for name in sorted(set(tensors) & set(idx.tensors), key=natural_key):
+        rec, ref = tensors[name], idx.tensors[name]
+        if not isinstance(rec, dict) or rec.get("dtype") != ref.dtype or rec.get("shape") != list(ref.shape):
+            got = (f"{_short(rec.get('dtype'))}{_short(rec.get('shape'))}" if isinstance(rec, dict)
+                   else _short(rec))
+            report.problems.append(f"{manifest_path}: tensor {name!r} is {got} there, "
+                                   f"{ref.dtype}{list(ref.shape)} in the output")
+            break
+
+
+def _short(value) -> str:
+    """A JSON value for a verdict line: short, and never an error (huge integers, deep nesting)."""
+    return value[:80] if isinstance(value, str) else show_value(value).rsplit(" (", 1)[0]
 
 
 def _source(text: str) -> str:
@@ -144,7 +232,7 @@ def verify(out: str, sft: str | None = None, aligned: str | None = None, alpha: 
     when verbose. The caller prints report.verdict()."""
     if say is None:
         def say(msg: str) -> None:
-            print(f"expo-dist verify: {msg}", file=sys.stderr)
+            print(printable(f"expo-dist verify: {msg}"), file=sys.stderr)
     tell = say
 
     def detail(msg: str) -> None:
@@ -161,12 +249,12 @@ def verify(out: str, sft: str | None = None, aligned: str | None = None, alpha: 
     idx = check_structure(out, report, detail)
     if sft and aligned and idx is not None:
         if alpha is None:
-            try:
-                with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
-                    alpha = json.load(f)["alpha"]
-                say(f"alpha {alpha} (from {MANIFEST})")
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ExpoError(f"give --alpha: {os.path.join(out, MANIFEST)} does not say which alpha") from None
+            manifest, _ = read_manifest(out)
+            alpha = manifest.get("alpha") if manifest is not None else None
+            if alpha is None:
+                raise ExpoError(f"give --alpha: {os.path.join(out, MANIFEST)} does not say which alpha")
+            alpha = parse_alpha(alpha, f"{os.path.join(out, MANIFEST)}: alpha")
+            say(f"alpha {alpha} (from {MANIFEST})")
         alpha = parse_alpha(alpha)
         check_values(idx, _source(sft), _source(aligned), alpha, report, say, sample=sample,
                      seed=seed, chunk_elems=chunk_elems, detail=detail)

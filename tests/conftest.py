@@ -6,6 +6,36 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+# Lanes: `-m "not slow"` runs the pure tests (no Ray, no subprocess merges) in well under a minute.
+# A test is slow when it uses a Ray fixture, lives in tests/cluster, or is marked slow itself; the guard below
+# fails a test left in the fast lane that starts Ray anyway, so the lanes cannot drift.
+SLOW_FIXTURES = {"local_ray", "cluster", "ray_head", "killed", "baseline", "fake_gpu_ray"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts Ray, a cluster, Slurm or a merge subprocess (the slow lane)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords:
+            continue
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or f"{os.sep}cluster{os.sep}" in str(item.fspath):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_guard(request):
+    before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if before or "slow" in request.node.keywords or "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test started Ray but is not in the slow lane: mark it @pytest.mark.slow")
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -17,4 +47,3 @@ def local_ray():
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
-

@@ -18,7 +18,7 @@ def test_plan_matches_merge(local_ray, tmp_path, capsys):
     assert main(["merge", *args, "--out", str(out), "-q"]) == 0
     capsys.readouterr()
     man = json.loads((out / "expo_manifest.json").read_text())
-    assert report["tasks"] == man["tasks"]
+    assert report["tasks"] == man["tasks"] and report["device"] == "auto"
     assert report["bytes_read"] == man["bytes_read"]
     assert [(s["file"], s["bytes"]) for s in report["shards"]] == \
         [(f, os.path.getsize(out / f)) for f in sorted(man["files"])]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -232,3 +233,72 @@ def test_single_file_output(local_ray, tmp_path, capsys):
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
     rc, verdict, _ = cli(capsys, out, "--sft", sft, "--aligned", aligned, "--full")
     assert rc == 0 and "all exact" in verdict and "1 file(s)" in verdict
+
+
+# ---- every dtype merge copies: FP8 and unsigned integers ---------------------------------------------------------
+
+EXTRA_DTYPES = {  # name -> (torch dtype, shape); merge copies these from the aligned model
+    "model.extra.fp8_e4m3": ("float8_e4m3fn", (64, 48)),
+    "model.extra.fp8_e5m2": ("float8_e5m2", (40, 32)),
+    "model.extra.u16": ("uint16", (300,)),
+    "model.extra.u32": ("uint32", (200,)),
+    "model.extra.u64": ("uint64", (100,)),
+}
+
+
+def add_extra_dtypes(folder, seed):
+    """Add FP8 and unsigned-integer tensors to a single-file model (SFT and aligned differ in every one)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = str(folder / "model.safetensors")
+    sd = load_file(path)
+    g = torch.Generator().manual_seed(seed)
+    for name, (dt, shape) in EXTRA_DTYPES.items():
+        raw = torch.randint(0, 256, (math.prod(shape) * getattr(torch, dt).itemsize,),
+                            generator=g, dtype=torch.uint8)
+        if dt == "float8_e4m3fn":
+            raw[:3] = torch.tensor([0x7F, 0xFF, 0x00], dtype=torch.uint8)  # NaN, -NaN, 0: NaN in the data
+        sd[name] = raw.view(getattr(torch, dt)).reshape(shape)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def merged_dtypes(local_ray, tmp_path_factory):
+    """A sharded output whose extra tensors are FP8 (e4m3, e5m2) and U16/U32/U64, as merge copies them."""
+    root = tmp_path_factory.mktemp("dtypes")
+    sft, aligned = make_pair(root / "pair", dtype="bfloat16", seed=11)
+    add_extra_dtypes(sft, 1)
+    add_extra_dtypes(aligned, 2)
+    out = root / "out"
+    run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=ALPHA, out=str(out), max_shard_size="60KB",
+                  max_task_bytes="1MiB"), progress=False)
+    man = json.loads((out / "expo_manifest.json").read_text())
+    assert {n: man["tensors"][n]["op"] for n in EXTRA_DTYPES} == dict.fromkeys(EXTRA_DTYPES, "copy")
+    assert {man["tensors"][n]["dtype"] for n in EXTRA_DTYPES} == {"F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
+    return sft, aligned, out
+
+
+def test_fp8_and_unsigned_outputs_verify(merged_dtypes, capsys):
+    sft, aligned, out = merged_dtypes
+    rc, verdict, err = cli(capsys, out, "--sft", sft, "--aligned", aligned, "--full")
+    assert rc == 0 and "all exact" in verdict, verdict + err
+    assert "Traceback" not in err
+    rep = verify(str(out), str(sft), str(aligned), sample=0, say=lambda m: None)
+    assert rep.ok and rep.copies == len(EXTRA_DTYPES) and rep.nonfinite_in >= 2 and rep.nonfinite_out >= 2
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_DTYPES))
+def test_fp8_and_unsigned_damage_fails(merged_dtypes, tmp_path, capsys, name):
+    sft, aligned, good = merged_dtypes
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    path = tensor_file(out, name)
+    entry = read_header(str(path)).tensors[name]
+    k = 37  # an element in the middle: one byte of it
+    item = (entry.end - entry.begin) // math.prod(EXTRA_DTYPES[name][1])  # bytes per element
+    flip(path, entry.begin + k * item + item - 1)
+    rehash(out, path.name)  # the sha256 agrees: only comparing with the inputs can tell
+    rc, verdict, err = cli(capsys, out, "--sft", sft, "--aligned", aligned, "--sample", "0")
+    assert rc == 1 and "Traceback" not in err, verdict + err
+    assert f"tensor '{name}': 1 copied element(s) differ from the aligned model; first at element {k}" in verdict
