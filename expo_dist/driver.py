@@ -32,12 +32,30 @@ class RunStats:
     seconds: float = 0.0
 
 
+def placement(device: str, resources: dict, workers: int | None) -> tuple[str, int, dict]:
+    """(worker device, how many workers, their Ray resource request) for --device on a cluster with these
+    resources (ray.cluster_resources()): a worker per GPU, else one per CPU; --workers caps the GPU workers
+    and sets the number of CPU workers."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ExpoError(f"--device {device!r}: give auto, cuda or cpu")
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if device == "cuda" and not gpus:
+        raise ExpoError("--device cuda: the Ray cluster has no GPU; use --device cpu (or auto, which uses GPUs "
+                        "where there are any) to merge on the CPUs")
+    if gpus and device != "cpu":
+        return "cuda", min(gpus, workers) if workers else gpus, dict(num_gpus=1, num_cpus=0)
+    return "cpu", workers or cpus, dict(num_cpus=1 if workers is None or workers <= cpus else 0)
+
+
 class Scheduler:
     """Hands tasks to actors, keeping each output file on one node where it can."""
 
     def __init__(self, plan: Plan, out_dirs: str | list[str], workers: int | None, max_attempts: int,
                  skip: set[int] = frozenset(), on_done: Callable | None = None, cache_dir: str | None = None,
-                 io: str = "auto"):
+                 io: str = "auto", device: str = "auto", worker_args: dict | None = None):
+        """device: auto (a worker per GPU where the cluster has GPUs, else one per CPU), cuda (GPUs or fail),
+        cpu (never ask for a GPU). worker_args: more keyword arguments for every MergeWorker (self_check,
+        kernel: the tests inject a faulty kernel this way)."""
         import ray
 
         self.ray = ray
@@ -66,14 +84,9 @@ class Scheduler:
         self.frontier: dict[str, int] = {s.file: 0 for s in plan.shards}  # index of the first unfinished task
         self.hashed_to: dict[str, int] = {}  # file -> bytes the hasher was told are final
         self.hasher: dict[str, object] = {}  # file -> actor hashing it
-        res = ray.cluster_resources()
-        gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-        self.device = "cuda" if gpus else "cpu"
-        n = gpus if gpus else cpus
-        if workers:
-            n = min(n, workers) if gpus else workers
+        self.worker_args = dict(worker_args or {})
+        self.device, n, self.opts = placement(device, ray.cluster_resources(), workers)
         self.n = max(1, min(n, len(plan.tasks) or 1))
-        self.opts = dict(num_gpus=1, num_cpus=0) if gpus else dict(num_cpus=1 if workers is None or workers <= cpus else 0)
         self.actors: dict = {}  # actor handle -> info
         self.starting: set = set()  # replacement actors not yet up
         self.failed_starts, self.last_start_error = 0, ""
@@ -91,15 +104,31 @@ class Scheduler:
         env = worker_env() if self.hub else {}
         opts = dict(runtime_env={"env_vars": env}) if env else {}
         return MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **opts, **self.opts).remote(
-            self.out_dirs, self.device, self.cache_dir, self.io)
+            self.out_dirs, self.device, self.cache_dir, self.io, **self.worker_args)
 
     def _start_actors(self, k: int) -> None:
         new = [self._spawn() for _ in range(k)]
-        infos = self.ray.get([a.info.remote() for a in new])
-        for a, info in zip(new, infos):
+        self.starting.update(new)  # (killed at the end whatever happens)
+        refs = [a.info.remote() for a in new]
+        for a, ref in zip(new, refs):
+            try:
+                info = self.ray.get(ref)
+            except self.ray.exceptions.RayError as e:  # it died starting: the loop starts a replacement
+                self.failed_starts += 1
+                self.last_start_error = f"{e.__class__.__name__}: {_first_line(e)}"
+                log.warning("a worker did not start (%s)", self.last_start_error)
+                self.starting.discard(a)
+                continue
             self._register(a, info)
+            self.starting.discard(a)
 
     def _register(self, actor, info: dict) -> None:
+        if info.get("error"):  # a GPU that cannot run the kernel or fails its self-check: no retry, one line
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # pragma: no cover - already gone
+                pass
+            raise MergeFailed(info["error"])
         info["tasks"] = 0
         info["bytes"] = 0
         self.actors[actor] = info
@@ -133,8 +162,8 @@ class Scheduler:
 
     def run(self, progress: Progress | None = None) -> RunStats:
         t0 = time.monotonic()
-        self._start_actors(self.n)
         try:
+            self._start_actors(self.n)
             self._loop(progress, t0)
             for a, info in list(self.actors.items()):  # which Hub files each worker fetched
                 try:

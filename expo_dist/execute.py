@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ckernel
-from .dtypes import itemsize, torch_dtype
+from .dtypes import itemsize
 from .errors import MergeFailed
 from .fileio import (ALIGN, align_down, align_up, aligned_empty, direct_ok, io_mode, open_direct, pread_into,
                      pwrite_all, resident_prefix)
@@ -84,15 +84,16 @@ class Runner:
 
     def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
                  max_fds: int = 64, cache_dir: str | None = None, direct_min: int = DIRECT_MIN,
-                 io: str | None = None):
+                 io: str | None = None, kernel=None):
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.device = str(device)
         # CPU with the C kernel: raw bytes in numpy buffers, no torch at all. Otherwise (a GPU, or no C
-        # kernel, or EXPO_KERNEL=torch) the torch ops of kernel.Kernel.
-        self.c_path = self.device == "cpu" and ckernel.available()
-        self.kernel = None
-        if not self.c_path:
+        # kernel, or EXPO_KERNEL=torch) the torch ops of kernel.Kernel; or the kernel given (a kernel.Kernel
+        # on this device: the tests give one that writes wrong bytes, to see the worker's self-check catch it).
+        self.c_path = kernel is None and self.device == "cpu" and ckernel.available()
+        self.kernel = kernel
+        if not self.c_path and kernel is None:
             import torch
 
             from .kernel import Kernel
@@ -249,25 +250,11 @@ class Runner:
                                                              seg.out_dtype, alpha)
                 res.nonfinite_in += (ckernel.count_nonfinite(a_raw, seg.a_dtype)
                                      + ckernel.count_nonfinite(s_raw, seg.s_dtype))
-            else:
-                self._compute_torch(seg, p.count, a_raw, s_raw, outs_raw, res)
-
-    def _compute_torch(self, seg, count: int, a_raw, s_raw, outs_raw, res: TaskResult) -> None:
-        """The same arithmetic with torch ops, on the GPU (pinned buffers, asynchronous copies) or the CPU."""
-        import torch
-
-        dev = self.kernel.device
-        a = torch.from_numpy(a_raw).to(dev, non_blocking=True).view(torch_dtype(seg.a_dtype))
-        s = torch.from_numpy(s_raw).to(dev, non_blocking=True).view(torch_dtype(seg.s_dtype))
-        for alpha, out_raw in zip(seg.alphas, outs_raw):
-            host = torch.from_numpy(out_raw)
-            if dev.type == "cpu":
-                res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, host.view(torch_dtype(seg.out_dtype)))
-            else:
-                out = torch.empty(count, dtype=torch_dtype(seg.out_dtype), device=dev)
-                res.nonfinite_out += self.kernel.extrapolate(a, s, alpha, out)
-                host.copy_(out.view(torch.uint8))
-        res.nonfinite_in += self.kernel.count_nonfinite(a) + self.kernel.count_nonfinite(s)
+            else:  # the torch ops (kernel.Kernel.extrapolate_raw): on the GPU (pinned buffers) or the CPU
+                bad_out, bad_in = self.kernel.extrapolate_raw(a_raw, seg.a_dtype, s_raw, seg.s_dtype, outs_raw,
+                                                              seg.out_dtype, seg.alphas)
+                res.nonfinite_out += bad_out
+                res.nonfinite_in += bad_in
 
     def _write(self, paths: list[str], win: Window, slot: Slot, crc: list[int]) -> None:
         """The window's bytes: its whole blocks directly, its partial blocks (at a task's ends, which a

@@ -178,7 +178,7 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
     started = connect(spec.address)
     try:
         sched = Scheduler(plan, wdirs, spec.workers, spec.max_attempts, skip=done, on_done=journal.record,
-                          cache_dir=spec.cache_dir, io=spec.io, device=getattr(spec, "device", "auto"))
+                          cache_dir=spec.cache_dir, io=spec.io, device=spec.device)
         left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
         stats = sched.run(Progress(left, per_task=len(outs)) if progress else None)
     finally:
@@ -206,7 +206,7 @@ def _run(spec: MergeSpec, plan: Plan, aligned: ModelIndex, journal: Journal, pro
             "alpha_rules": [r.describe() for r in spec.rules()],
             "sweep": list(spec.alphas) if spec.sweep else None,
             "settings": {"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": spec.io,
-                         "device": getattr(spec, "device", "auto")},
+                         "device": spec.device},
             "tasks": len(plan.tasks),
             "tasks_resumed": len(done),
             "task_attempts": stats.attempts,

@@ -4,14 +4,18 @@
     python scripts/gpu_check.py                  # medium pair (≈0.6 GB per model), GPU + CPU merge, kernel timing
     python scripts/gpu_check.py --small          # seconds: a 20 MB pair, small kernel tensors (also for CPU-only)
 
+0. self-check: runs expo_dist.kernel.self_check (what every GPU worker runs when it starts: a few thousand
+   elements per dtype, ties, double-rounding, overflow, subnormal, NaN/inf and -0 cases, compared byte for
+   byte with the CPU kernel) on CUDA, and on the CPU with the torch ops, and prints what it checked.
 1. kernel: times expo_dist.kernel.Kernel(dev).extrapolate on large bf16 tensors (after warm-up; on CUDA with
    torch.cuda.synchronize) and reports elements/s and GB/s (a, s read + out written: 6 bytes per element);
    the CPU paths (the C extension if built, and the torch ops: EXPO_KERNEL=torch) run on one thread, as in
    the merge workers; on CUDA the output is compared byte for byte with every CPU path's on a slice.
-2. merge: generates a pair and runs `expo-dist merge` twice in subprocesses: as is (Ray sees the GPUs, so
-   the workers are GPU actors) and with CUDA_VISIBLE_DEVICES="" (Ray sees no GPU: CPU actors). It checks
-   each run's workers used the expected device, that the outputs are byte-identical (sha256 of every file
-   we read back), and (unless --no-exact) that the output equals the float64 reference of tests/reference.py.
+2. merge: generates a pair and runs `expo-dist merge` twice in subprocesses: with --device cuda (Ray sees the
+   GPUs, so the workers are GPU actors, each of which self-checks first) and with --device cpu (CPU actors,
+   the GPUs left alone). It checks each run's workers used the expected device (and that every GPU worker
+   passed its self-check), that the outputs are byte-identical (sha256 of every file we read back), and
+   (unless --no-exact) that the output equals the float64 reference of tests/reference.py.
 Without CUDA it prints "no CUDA device: GPU part skipped" and still does the CPU kernel timing and CPU merge.
 Exit status 0 when every check passed, 1 otherwise. Everything it writes is in a temp folder it removes.
 """
@@ -155,6 +159,28 @@ def kernel_part(args, cuda: bool) -> tuple[list[dict], list[str]]:
     return rows, fails
 
 
+def self_check_part(cuda: bool) -> tuple[list[dict], list[str]]:
+    """kernel.self_check on CUDA (the GPU workers' start-up check) and on the CPU (the torch ops against the
+    C kernel, where it is built)."""
+    from expo_dist.kernel import KernelCheckFailed, self_check
+
+    rows, fails = [], []
+    for device in (["cuda"] if cuda else []) + ["cpu"]:
+        row = {"device": device}
+        try:
+            row.update(self_check(device))
+            if device == "cuda":  # a second run: the first paid for CUDA's start-up
+                row["seconds_warm"] = self_check(device)["seconds"]
+        except KernelCheckFailed as e:
+            row["failed"] = str(e)
+            fails.append(f"kernel self-check on {device}: {e}")
+        except Exception as e:  # noqa: BLE001 - a CUDA error: report it and go on
+            row["failed"] = f"{e.__class__.__name__}: {' '.join(str(e).split())[:300]}"
+            fails.append(f"kernel self-check on {device}: {row['failed']}")
+        rows.append(row)
+    return rows, fails
+
+
 def file_hashes(folder: str) -> dict[str, str]:
     out = {}
     for name in sorted(os.listdir(folder)):
@@ -168,8 +194,8 @@ def file_hashes(folder: str) -> dict[str, str]:
     return out
 
 
-def merge_once(label, sft, aligned, out, args, env, workdir, in_bytes) -> dict:
-    extra = shlex.split(args.merge_args)
+def merge_once(label, sft, aligned, out, args, env, workdir, in_bytes, device_args=()) -> dict:
+    extra = list(device_args) + shlex.split(args.merge_args)
     cache = bench.Cache(enabled=not args.no_drop_caches)
     cache.drop([sft, aligned])
     r = bench.run_merge(sft, aligned, ["--alpha", repr(args.alpha)], out, extra, env, args.timeout,
@@ -178,14 +204,18 @@ def merge_once(label, sft, aligned, out, args, env, workdir, in_bytes) -> dict:
         raise SystemExit(f"gpu_check: {label} merge failed (exit {r['rc']}): {' '.join(r['cmd'])}\n{r['stderr_tail']}")
     workers = (r["json"] or {}).get("workers") or (r["manifest"] or {}).get("workers") or []
     devices = sorted({str(w.get("device")) for w in workers})
-    res = {"label": label, "whole_seconds": r["wall"], "merge_seconds": r["merge_seconds"],
+    checks = [w.get("self_check") for w in workers]
+    res = {"label": label, "self_checks": checks, "whole_seconds": r["wall"], "merge_seconds": r["merge_seconds"],
            "out_bytes": r["out_bytes"], "devices": devices, "workers": len(workers),
            "gbps_whole": (in_bytes + r["out_bytes"]) / r["wall"] / 1e9,
            "gbps_merge": (in_bytes + r["out_bytes"]) / r["merge_seconds"] / 1e9 if r["merge_seconds"] else None,
            "driver_peak_rss": r["rss"]["driver_peak_rss"], "worker_peak_rss": r["rss"]["worker_peak_rss"],
            "page_cache": cache.status()}
+    passed = [c for c in checks if c]
     log(f"{label} merge: {res['whole_seconds']:.2f}s whole, {res['merge_seconds']}s merge phase, "
-        f"workers {res['workers']} on {devices}")
+        f"workers {res['workers']} on {devices}" + (
+            f"; {len(passed)} passed the kernel self-check at start ({max(c['seconds'] for c in passed):.3f}s "
+            "at most)" if passed else ""))
     return res
 
 
@@ -225,6 +255,17 @@ def main(argv=None) -> int:
     if not cuda:
         print("no CUDA device: GPU part skipped")
 
+    # ---------------------------------------------------------------- kernel self-check
+    log("running the kernel self-check ...")
+    checks, cf = self_check_part(cuda)
+    fails += cf
+    report["self_check"] = checks
+    for c in checks:
+        print(f"self-check {c['device']:<5} " + (
+            f"FAILED: {c['failed']}" if "failed" in c else
+            f"ok: {c['elements']} elements in {c['cases']} cases byte-identical to the {c['reference']} in "
+            f"{c['seconds']:.3f}s" + (f" ({c['seconds_warm']:.3f}s warm)" if "seconds_warm" in c else "")))
+
     # ---------------------------------------------------------------- kernel throughput
     log("timing the kernel ...")
     rows, kf = kernel_part(args, cuda)
@@ -252,13 +293,17 @@ def main(argv=None) -> int:
         runs = []
         if cuda:
             env_gpu = bench.child_env(extra)
-            r = merge_once("gpu", sft, aligned, os.path.join(workdir, "out-gpu"), args, env_gpu, workdir, in_bytes)
+            r = merge_once("gpu", sft, aligned, os.path.join(workdir, "out-gpu"), args, env_gpu, workdir, in_bytes,
+                           ["--device", "cuda"])
             if not r["devices"] or not all(d.startswith("cuda") for d in r["devices"]):
                 fails.append(f"GPU merge ran on {r['devices']}: Ray did not give the workers a GPU")
+            if not r["self_checks"] or not all(r["self_checks"]):
+                fails.append("GPU merge: not every GPU worker reports a passed self-check in the manifest")
             runs.append(r)
         env_cpu = bench.child_env(extra)
-        env_cpu["CUDA_VISIBLE_DEVICES"] = ""  # Ray then sees no GPU and starts CPU actors
-        r = merge_once("cpu", sft, aligned, os.path.join(workdir, "out-cpu"), args, env_cpu, workdir, in_bytes)
+        # --device cpu: CPU actors, even though Ray sees the GPUs
+        r = merge_once("cpu", sft, aligned, os.path.join(workdir, "out-cpu"), args, env_cpu, workdir, in_bytes,
+                       ["--device", "cpu"])
         if r["devices"] != ["cpu"]:
             fails.append(f"CPU merge ran on {r['devices']}")
         runs.append(r)
