@@ -18,20 +18,27 @@ gives, and the workers read it with the same positional reads. Nothing here impo
 
 from __future__ import annotations
 
+import errno
 import io
-import math
+import lzma
 import os
 import struct
 import zipfile
+import zlib
 from typing import Protocol
 
-from .dtypes import DTYPES, itemsize
+from .dtypes import itemsize
 from .errors import ExpoError
-from .stfile import FileHeader, TensorEntry
+from .jsonsafe import one_line, shown
+from .stfile import FileHeader, TensorEntry, nbytes_of
 from .unpickle import SafeUnpickler, unpickle_state_dict
 
 MAX_PICKLE = 256 << 20  # data.pkl of a state dict is ~200 bytes per tensor; refuse anything absurd
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save before 1.6 (_use_new_zipfile_serialization=False)
+# what zipfile raises on a damaged archive or member (bad records, bad extra fields, names that are not UTF-8,
+# unsupported or corrupt compression, CRC mismatch, sizes beyond the file)
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
+              NotImplementedError, zlib.error, lzma.LZMAError, OverflowError, IndexError)
 
 class Reader(Protocol):
     """Positional reads of one file, local or remote."""
@@ -54,6 +61,9 @@ class LocalReader:
         self.size = os.fstat(self.fd).st_size
 
     def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or offset >= self.size:  # a crafted zip can point anywhere, even below 0 or past 2^63
+            return b""
+        n = min(n, self.size - offset)
         out = bytearray()
         while len(out) < n:
             chunk = os.pread(self.fd, n - len(out), offset + len(out))
@@ -91,7 +101,9 @@ class _FileLike(io.RawIOBase):
 
     def seek(self, offset, whence=0):
         base = {0: 0, 1: self.pos, 2: self.r.size}[whence]
-        self.pos = max(0, base + offset)
+        if base + offset < 0:  # as a real file: zipfile reads this as "no such record here"
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + offset
         return self.pos
 
     def read(self, n=-1):
@@ -129,19 +141,33 @@ def _refuse_legacy(reader: Reader) -> None:
                     "safetensors weights")
 
 
+def _read_member(zf: zipfile.ZipFile, zi: zipfile.ZipInfo, limit: int, display: str) -> bytes:
+    """At most `limit` bytes of a small member (data.pkl, byteorder), through zipfile: a damaged member is one line."""
+    if zi.flag_bits & 0x1:
+        raise ExpoError(f"{display}: zip member {one_line(zi.filename, 80)} is encrypted; not a torch.save checkpoint")
+    try:
+        with zf.open(zi) as f:
+            return f.read(limit)
+    except ZIP_ERRORS as e:
+        raise ExpoError(f"{display}: cannot read zip member {one_line(zi.filename, 80)} ({e.__class__.__name__}: "
+                        f"{one_line(str(e), 100)}); the file is corrupt") from None
+
+
 def _local_data_start(reader: Reader, zi: zipfile.ZipInfo) -> int:
     """Absolute offset of a member's bytes: its local header's fixed part, name and extra field come first."""
+    what = one_line(zi.filename, 80)
     head = reader.read(zi.header_offset, 30)
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
-        raise ExpoError(f"{reader.display}: zip member {zi.filename} has no local header at byte {zi.header_offset}; "
+        raise ExpoError(f"{reader.display}: zip member {what} has no local header at byte {zi.header_offset}; "
                         "the file is corrupt or truncated")
     flags, method = struct.unpack("<HH", head[6:10])
     n, m = struct.unpack("<HH", head[26:30])
     name = reader.read(zi.header_offset + 30, n)
     if name.decode("utf-8" if flags & 0x800 else "cp437", "replace") != zi.filename:
-        raise ExpoError(f"{reader.display}: zip member {zi.filename}: local header names {name!r}; the file is corrupt")
+        raise ExpoError(f"{reader.display}: zip member {what}: local header names {shown(name, 80)}; the file is "
+                        "corrupt")
     if method != zipfile.ZIP_STORED:
-        raise ExpoError(f"{reader.display}: zip member {zi.filename} is compressed; expo_dist reads tensors in place "
+        raise ExpoError(f"{reader.display}: zip member {what} is compressed; expo_dist reads tensors in place "
                         "and needs them stored (as torch.save writes them)")
     return zi.header_offset + 30 + n + m
 
@@ -152,27 +178,21 @@ def read_bin_header(reader: Reader) -> FileHeader:
     _refuse_legacy(reader)
     try:
         zf = zipfile.ZipFile(_FileLike(reader))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise ExpoError(f"{display}: not a readable zip archive ({e}); the file is truncated or corrupt") from None
-    infos = {zi.filename: zi for zi in zf.infolist()}
+        infos = {zi.filename: zi for zi in zf.infolist()}
+    except ZIP_ERRORS as e:
+        raise ExpoError(f"{display}: not a readable zip archive ({e.__class__.__name__}: {one_line(str(e), 100)}); "
+                        "the file is truncated or corrupt") from None
     pkls = [n for n in infos if n.endswith("data.pkl") and n.count("/") <= 1]
     if len(pkls) != 1:
         raise ExpoError(f"{display}: a zip archive without exactly one data.pkl; not a torch.save checkpoint")
     prefix = pkls[0][: -len("data.pkl")]
     pkl = infos[pkls[0]]
-    if pkl.flag_bits & 0x1:
-        raise ExpoError(f"{display}: encrypted zip members are not supported")
     if pkl.file_size > MAX_PICKLE:
         raise ExpoError(f"{display}: data.pkl is {pkl.file_size} bytes; too large for a state dict")
-    try:
-        with zf.open(pkl) as f:
-            data = f.read(MAX_PICKLE + 1)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        raise ExpoError(f"{display}: cannot read data.pkl ({e}); the file is corrupt") from None
+    data = _read_member(zf, pkl, MAX_PICKLE + 1, display)
     order = infos.get(prefix + "byteorder")
     if order is not None:
-        with zf.open(order) as f:
-            bo = f.read(16).strip()
+        bo = _read_member(zf, order, 16, display).strip()
         if bo != b"little":
             raise ExpoError(f"{display}: saved with byte order {bo.decode(errors='replace')!r}; only little endian "
                             "checkpoints can be read in place")
@@ -191,41 +211,39 @@ def read_bin_header(reader: Reader) -> FileHeader:
         prefetch([members[k].header_offset for k in keys])
     for key in keys:
         zi = members[key]
+        what = one_line(zi.filename, 80)
         if zi.flag_bits & 0x1:
             raise ExpoError(f"{display}: encrypted zip members are not supported")
         if zi.compress_type != zipfile.ZIP_STORED:
-            raise ExpoError(f"{display}: storage {zi.filename} is compressed; expo_dist reads tensors in place and "
+            raise ExpoError(f"{display}: storage {what} is compressed; expo_dist reads tensors in place and "
                             "needs them stored (as torch.save writes them)")
         begin = _local_data_start(reader, zi)
         if begin + zi.file_size > reader.size:
-            raise ExpoError(f"{display}: storage {zi.filename} runs past the end of the file; file is truncated")
+            raise ExpoError(f"{display}: storage {what} runs past the end of the file; file is truncated")
         starts[key] = (begin, zi.file_size)
 
     tensors = {}
     for name, d in descs.items():
         begin, nbytes = starts[d.storage.key]
-        if d.dtype not in DTYPES:
-            raise ExpoError(f"{display}: tensor {name!r} has dtype {d.dtype}, which expo_dist does not handle")
         if d.storage.nbytes > nbytes:
             raise ExpoError(f"{display}: storage of {name!r} should hold {d.storage.nbytes} bytes, the archive has "
                             f"{nbytes}; file is corrupt")
-        numel = math.prod(d.shape)
         want, stride = 1, []
         for n in reversed(d.shape):
             stride.append(want)
             want *= n
         stride.reverse()
-        if numel > 1 and any(s != c for s, c, n in zip(d.stride, stride, d.shape) if n != 1):
+        if want > 1 and any(s != c for s, c, n in zip(d.stride, stride, d.shape) if n != 1):
             raise ExpoError(
-                f"{display}: tensor {name!r} (shape {list(d.shape)}) is stored non-contiguously (stride "
-                f"{list(d.stride)}), so it is not one byte range of the file; re-save the checkpoint with contiguous "
-                "tensors (e.g. {k: v.contiguous() for k, v in sd.items()}) or convert it to safetensors")
-        size = itemsize(d.dtype)
+                f"{display}: tensor {name!r} (shape {shown(list(d.shape), 80)}) is stored non-contiguously "
+                f"(stride {shown(list(d.stride), 80)}), so it is not one byte range of the file; re-save the "
+                "checkpoint with contiguous tensors (e.g. {k: v.contiguous() for k, v in sd.items()}) or convert it "
+                "to safetensors")
+        size, span = itemsize(d.dtype), nbytes_of(d.shape, d.dtype)
         lo = begin + d.offset * size
-        hi = lo + numel * size
-        if numel and hi > begin + nbytes:
+        if span is None or lo + span > begin + nbytes:
             raise ExpoError(f"{display}: tensor {name!r} runs past the end of its storage; file is corrupt")
-        tensors[name] = TensorEntry(name, d.dtype, tuple(d.shape), lo, lo if numel == 0 else hi)
+        tensors[name] = TensorEntry(name, d.dtype, tuple(d.shape), lo, lo + span)
     return FileHeader(display, 0, reader.size, {"format": "pt", "container": "torch-zip"}, tensors)
 
 

@@ -25,6 +25,11 @@ DTYPES: dict[str, tuple[int, bool]] = {
 KERNEL_FLOATS = ("F64", "F32", "F16", "BF16")
 
 
+def known(dtype: object) -> bool:
+    """A safetensors dtype name expo_dist handles (anything else, a list or a number included: no)."""
+    return isinstance(dtype, str) and dtype in DTYPES
+
+
 def itemsize(dtype: str) -> int:
     return DTYPES[dtype][0]
 

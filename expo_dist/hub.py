@@ -10,6 +10,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import ExpoError
+from .jsonsafe import one_line
 
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
 FIRST_RANGE = 100_000  # first range request of a remote header: as huggingface_hub's own safetensors parser
@@ -106,26 +107,59 @@ def transient(e: Exception) -> bool:
     return isinstance(e, hub_exceptions())  # no answer at all: connection refused or reset, timeout
 
 
+def check_revision(repo: str, revision: str | None) -> str | None:
+    """A revision as a path component of the cache (refs/<revision>) must stay inside refs/: refuse '..', a leading
+    '/', backslashes, empty or '.' components, whitespace and control characters (git refuses them in ref names too).
+    """
+    if revision is None:
+        return None
+    why = None
+    if not isinstance(revision, str) or not revision:
+        why = "it is empty"
+    elif revision.startswith("/"):
+        why = "it starts with '/'"
+    elif "\\" in revision:
+        why = "it holds a backslash"
+    elif any(c.isspace() or not c.isprintable() for c in revision):
+        why = "it holds whitespace or control characters"
+    elif ".." in revision or any(part in ("", ".") for part in revision.split("/")):
+        why = "it holds '..' or an empty or '.' path component"
+    if why:
+        raise ExpoError(f"{repo}@{one_line(str(revision), 80)}: not a valid revision ({why}); give a branch, tag "
+                        "or commit sha, e.g. main, v1.0 or refs/pr/1")
+    return revision
+
+
+def _commit_of(repo: str, revision: str | None, commit: str) -> str:
+    if not isinstance(commit, str) or not _COMMIT.match(commit):
+        raise ExpoError(f"{repo}@{revision or 'main'}: resolves to {str(commit)[:60]!r}, not a 40-hex commit sha; the "
+                        "Hugging Face cache's refs/ entry is damaged (delete it, or give a commit sha)")
+    return commit
+
+
 def resolve_commit(repo: str, revision: str | None, cache_dir: str | None) -> str:
     """Pin a revision to a commit: HfApi.resolve_revision (huggingface_hub >= 1.26), else its logic by hand."""
     from huggingface_hub import HfApi, constants
 
+    check_revision(repo, revision)
     api = HfApi()
     offline = constants.is_offline_mode()
     if hasattr(api, "resolve_revision"):
-        return api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline).resolved
+        return _commit_of(repo, revision, str(api.resolve_revision(repo, revision=revision, cache_dir=cache_dir,
+                                                                   local_files_only=offline).resolved))
     if revision and _COMMIT.match(revision):
         return revision
     if not offline:
         try:
-            return api.repo_info(repo, revision=revision).sha
+            return _commit_of(repo, revision, api.repo_info(repo, revision=revision).sha)
         except hub_exceptions() as e:
             if getattr(getattr(e, "response", None), "status_code", 500) < 500:
                 raise
-    ref = os.path.join(os.path.dirname(snapshot_dir(repo, "x", cache_dir)), "..", "refs", revision or "main")
+    ref = os.path.join(os.path.dirname(os.path.dirname(snapshot_dir(repo, "x", cache_dir))), "refs",
+                       revision or "main")
     if os.path.isfile(ref):
-        with open(ref) as f:
-            return f.read().strip()
+        with open(ref, encoding="utf-8", errors="replace") as f:
+            return _commit_of(repo, revision, f.read(100).strip())
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     raise LocalEntryNotFoundError(f"no cached ref {revision or 'main'} for {repo}")
@@ -176,6 +210,8 @@ class HubReader:
         return data
 
     def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or (self.size >= 0 and offset > self.size):  # a crafted zip can point anywhere
+            return b""
         if self.size >= 0:
             n = max(0, min(n, self.size - offset))
         for start, data in self.blocks.items():
@@ -203,7 +239,7 @@ class HubReader:
     def prefetch(self, offsets: list[int]) -> None:
         """Fetch a small block at each offset (zip local headers), several requests at a time."""
         todo = []
-        for off in sorted(offsets):
+        for off in sorted(o for o in offsets if 0 <= o < self.size):  # a crafted zip's offsets: read() refuses
             if not any(s <= off and off + 512 <= s + len(d) for s, d in self.blocks.items()) and \
                     not (todo and off + 512 <= todo[-1] + SMALL):
                 todo.append(off)
@@ -238,6 +274,7 @@ def snapshot_dir(repo: str, commit: str, cache_dir: str | None) -> str:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
+    check_revision(repo, commit)
     return os.path.join(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo, repo_type="model"),
                         "snapshots", commit)
 

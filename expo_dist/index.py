@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import jsonsafe
 from .binindex import read_bin_header
 from .errors import ExpoError
 from .sources import Resolved, resolve
-from .stfile import MAX_HEADER, FileHeader, TensorEntry, parse_header, read_header
+from .stfile import MAX_HEADER, FileHeader, TensorEntry, bad_name, parse_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -49,34 +49,32 @@ class ModelIndex:
 
 def _safe_name(root: str, name: str, where: str) -> str:
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "/" in name or "\\" in name \
-            or name in (".", "..") or os.path.isabs(name):
-        raise ExpoError(f"{where}: refuses weight file name {name!r} (must be a plain file name inside the folder)")
+            or name in (".", "..") or os.path.isabs(name) or bad_name(name):
+        raise ExpoError(f"{where}: refuses weight file name {jsonsafe.shown(name, 80)} (must be a plain "
+                        "file name inside the folder)")
     return os.path.join(root, name)
 
 
 def read_config(root: str) -> dict:
     path = os.path.join(root, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExpoError(f"{path}: cannot read config ({e})")
+    cfg = jsonsafe.load_file(path, f"{path}: cannot read config", "fix or re-download config.json")
     if not isinstance(cfg, dict):
         raise ExpoError(f"{path}: config is not a JSON object")
     return cfg
 
 
-def _load_weight_map(index_path: str, kind: str) -> dict:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            doc = json.load(f)
-        weight_map = doc["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-        raise ExpoError(f"{index_path}: not a valid {kind} index ({e.__class__.__name__}: {e})")
-    return weight_map
+def _load_weight_map(index_path: str, kind: str, where: str) -> dict:
+    what = f"{where}: not a valid {kind} index"
+    doc = jsonsafe.load_file(index_path, what, "fix or re-download it")
+    if not isinstance(doc, dict):
+        got = "not a JSON object"
+    elif not isinstance(doc.get("weight_map"), dict):
+        got = f"weight_map is a {type(doc['weight_map']).__name__}" if "weight_map" in doc else "no weight_map"
+    else:
+        return doc["weight_map"]
+    raise ExpoError(f"{what} ({got}; it needs a weight_map of tensor name -> file name)")
 
 
 def _st_header(src: Resolved, name: str) -> FileHeader:
@@ -118,7 +116,7 @@ def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
                                           (BIN_INDEX_NAME, BIN_SINGLE_NAME, "pytorch .bin")):
         if src.exists(index_name):
             index_path = src.local_file(index_name) if not src.is_hub else src.display(index_name)
-            weight_map = _load_weight_map(src.local_file(index_name), kind)
+            weight_map = _load_weight_map(src.local_file(index_name), kind, index_path)
             files = []
             for name in weight_map.values():
                 _safe_name(root, name, index_path)
@@ -153,6 +151,9 @@ def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
                     f"and {name}"
                 )
             tensors[tname] = TensorRef(path, entry)
+    if not tensors:
+        raise ExpoError(f"{where}: its weight files hold no tensors; there is nothing to merge (is this the right "
+                        "folder, and was the checkpoint saved completely?)")
     if weight_map is not None:
         for tname, fname in weight_map.items():
             ref = tensors.get(tname)

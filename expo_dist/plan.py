@@ -15,6 +15,7 @@ from typing import Callable
 
 from .dtypes import extrapolatable, is_float, itemsize
 from .errors import ExpoError
+from .jsonsafe import shown
 from .stfile import Layout, alignment_order, layout
 
 MIB = 1 << 20
@@ -142,7 +143,13 @@ class Plan:
 
 
 def natural_key(name: str):
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+    """'layers.10' after 'layers.9'. A run of digits compares by value without int(): a crafted name can hold more
+    digits than Python's int-string limit."""
+    key = []
+    for i, p in enumerate(re.split(r"(\d+)", name)):
+        digits = p.lstrip("0")
+        key.append((0, len(digits), digits, "") if i % 2 else (1, 0, "", p))
+    return key
 
 
 def parse_size(text) -> int:
@@ -157,16 +164,25 @@ def parse_size(text) -> int:
     return int(num * scale)
 
 
+def _flag(cfg: dict, key: str, who: str) -> bool | None:
+    """A boolean of config.json: true, false, or not set (absent or null); anything else is refused."""
+    value = cfg.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ExpoError(f"{who} config.json: {key} is {shown(value, 60)}, not true or false; fix the config")
+    return value
+
+
 def check_configs(sft_cfg: dict, aligned_cfg: dict) -> bool:
     """Refuse models of different architectures; return tie_word_embeddings."""
     for key in ARCH_KEYS:
         if key in sft_cfg and key in aligned_cfg and sft_cfg[key] != aligned_cfg[key]:
             raise ExpoError(
-                f"config.json differs in {key}: SFT has {sft_cfg[key]!r}, aligned has {aligned_cfg[key]!r} "
-                "(ExPO needs the aligned model to be trained from this SFT model)"
+                f"config.json differs in {key}: SFT has {shown(sft_cfg[key], 80)}, aligned has "
+                f"{shown(aligned_cfg[key], 80)} (ExPO needs the aligned model to be trained from this SFT model)"
             )
-    tie_a = bool(aligned_cfg.get("tie_word_embeddings", False))
-    tie_s = bool(sft_cfg.get("tie_word_embeddings", tie_a))
+    tie_a = bool(_flag(aligned_cfg, "tie_word_embeddings", "aligned"))
+    tie_s = _flag(sft_cfg, "tie_word_embeddings", "SFT")
+    tie_s = tie_a if tie_s is None else tie_s
     if tie_a != tie_s:
         raise ExpoError(f"tie_word_embeddings differs: SFT {tie_s}, aligned {tie_a}; the models do not match")
     return tie_a
@@ -278,8 +294,13 @@ def cut_tasks(shards: list[Shard], decisions, sft, aligned, max_task_bytes: int)
 def make_plan(sft: dict[str, Source], aligned: dict[str, Source], *, alpha_for: Callable[[str], float],
               sft_config: dict, aligned_config: dict, max_task_bytes: int = 256 * MIB,
               max_shard_size: int = 5_000_000_000) -> Plan:
+    for who, model in (("SFT", sft), ("aligned", aligned)):
+        if not model:
+            raise ExpoError(f"the {who} model holds no tensors; there is nothing to merge")
     tie = check_configs(sft_config, aligned_config)
     decisions, warnings = match(sft, aligned, tie, alpha_for)
+    if all(d.op == "dropped-tied" for d in decisions.values()):
+        raise ExpoError("no tensor is left to write (the only tensor is the tied lm_head.weight); nothing to merge")
     shards = layout_shards(decisions, max_shard_size)
     tasks = cut_tasks(shards, decisions, sft, aligned, max_task_bytes)
     return Plan(shards, tasks, decisions, warnings)

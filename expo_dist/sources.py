@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 from .binindex import LocalReader
 from .errors import ExpoError
-from .hub import (HubReader, cached_listing, hub_error, hub_exceptions, offline_error, resolve_commit,
-                  snapshot_dir)
+from .hub import (HubReader, cached_listing, check_revision, hub_error, hub_exceptions, offline_error,
+                  resolve_commit, snapshot_dir)
 
 log = logging.getLogger("expo_dist")
 
 HF_SCHEME = "hf://"
-_REF = re.compile(r"hf://(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})/(?P<file>.+)\Z")
+_REF = re.compile(r"hf://(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})/(?P<file>[^/\\]+)\Z")  # a plain file name
 SIDE_MAX_BYTES = 100_000_000  # a top-level non-weight file larger than this is not a side file (not downloaded)
 
 
@@ -73,6 +73,7 @@ def parse_source(text: str) -> SourceSpec:
         raise ExpoError(f"{text}: neither a local folder nor a valid Hub repo id ({str(e).splitlines()[0]})") from None
     if "@" in body and not revision:
         raise ExpoError(f"{text}: empty revision after '@' (write org/name@main, a tag or a commit sha)")
+    check_revision(repo, revision or None)
     return SourceSpec(text, repo_id=repo, revision=revision or None)
 
 
@@ -82,8 +83,8 @@ def is_ref(ref: str) -> bool:
 
 def parse_ref(ref: str) -> tuple[str, str, str]:
     """'hf://org/name@<commit>/<file>' -> (repo_id, commit, filename)."""
-    m = _REF.match(ref)
-    if not m:
+    m = _REF.match(ref) if isinstance(ref, str) else None
+    if not m or m.group("file") in (".", "..") or ".." in m.group("repo"):
         raise ExpoError(f"{ref}: not a weight file reference (hf://org/name@<40-hex commit>/<file>)")
     return m.group("repo"), m.group("commit"), m.group("file")
 

@@ -13,7 +13,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .dtypes import DTYPES, itemsize
+from . import jsonsafe
+from .dtypes import itemsize, known
 from .errors import ExpoError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -67,34 +68,60 @@ def read_header(path: str) -> FileHeader:
     return parse_header(path, raw, size)
 
 
+MAX_INT = 1 << 63  # every size, offset and shape entry fits an int64, as in torch and safetensors
+_CONTROL = {chr(c) for c in (*range(32), *range(127, 160))}
+
+
+def bad_name(name: object) -> bool:
+    """A tensor name no model has: not a string, or holding control characters (they would break one-line errors)."""
+    return not isinstance(name, str) or any(c in _CONTROL for c in name)
+
+
+def valid_dims(shape: object) -> bool:
+    """A list or tuple of non-negative int64 sizes (booleans are not sizes, though Python counts them as ints)."""
+    return isinstance(shape, (list, tuple)) and all(type(d) is int and 0 <= d < MAX_INT for d in shape)
+
+
+def nbytes_of(shape, dtype: str) -> int | None:
+    """Bytes of a tensor of this shape and dtype; None when that is beyond any file (a crafted shape)."""
+    n = itemsize(dtype)
+    for d in shape:
+        n *= d
+        if n >= MAX_INT:
+            return None if 0 not in shape else 0
+    return n
+
+
 def parse_header(path: str, raw: bytes, size: int) -> FileHeader:
     data_start = 8 + len(raw)
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExpoError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt")
+    doc = jsonsafe.loads(raw, f"{path}: header is not valid JSON", "the file is corrupt")
     if not isinstance(doc, dict):
         raise ExpoError(f"{path}: header is not a JSON object; the file is corrupt")
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ExpoError(f"{path}: __metadata__ must map strings to strings")
+        raise ExpoError(f"{path}: __metadata__ must map strings to strings, not {jsonsafe.shown(metadata, 60)}")
     entries = []
     for name, info in doc.items():
-        try:
-            dtype, shape, (lo, hi) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+        if bad_name(name):
+            raise ExpoError(f"{path}: tensor name {name!r} holds control characters; the file is corrupt")
+        if not isinstance(info, dict) or not all(k in info for k in ("dtype", "shape", "data_offsets")):
             raise ExpoError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets")
-        if dtype not in DTYPES:
-            raise ExpoError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ExpoError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
-            raise ExpoError(f"{path}: tensor {name!r} has invalid data_offsets {[lo, hi]!r}")
-        want = math.prod(shape) * itemsize(dtype)
-        if hi - lo != want:
-            raise ExpoError(
-                f"{path}: tensor {name!r} shape {shape} x {dtype} needs {want} bytes but data_offsets span {hi - lo}"
-            )
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not known(dtype):
+            raise ExpoError(f"{path}: tensor {name!r} has unknown dtype {jsonsafe.shown(dtype, 60)}")
+        if not isinstance(shape, list) or not valid_dims(shape):
+            raise ExpoError(f"{path}: tensor {name!r} has an invalid shape {jsonsafe.shown(shape, 60)} "
+                            "(a list of non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and valid_dims(offsets)
+                and offsets[0] <= offsets[1]):
+            raise ExpoError(f"{path}: tensor {name!r} has invalid data_offsets {jsonsafe.shown(offsets, 60)}")
+        lo, hi = offsets
+        want = nbytes_of(shape, dtype)
+        if want != hi - lo:
+            raise ExpoError(f"{path}: tensor {name!r} shape {jsonsafe.shown(shape, 60)} x {dtype} needs "
+                            f"{'more than 2^63' if want is None else want} bytes but data_offsets span {hi - lo}")
         entries.append(TensorEntry(name, dtype, tuple(shape), data_start + lo, data_start + hi))
     entries.sort(key=lambda e: (e.begin, e.end))
     pos = data_start

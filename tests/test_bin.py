@@ -3,6 +3,7 @@ merged exactly alone or mixed with safetensors; malicious and unreadable files a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -296,3 +297,115 @@ def test_merge_exact(local_ray, pairs, tmp_path, combo):
     for name in ("config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (aligned / name).read_bytes()
     assert "pytorch_model.bin.index.json" not in files
+
+
+# ---- one file cannot change how another is read (BUILD poisoning) ----
+
+
+def _str(text: str) -> bytes:
+    b = text.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b  # BINUNICODE
+
+
+def _glob(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()  # GLOBAL
+
+
+def _slot_build(attr: str, value: bytes) -> bytes:
+    """BUILD with (None, {attr: value}): setattr on the object below, slots included; then POP it."""
+    return b"N}" + _str(attr) + value + b"s\x86b0"
+
+
+# each a prefix put after the PROTO opcode of a legitimate data.pkl: it mutates a whitelisted object, then the
+# legitimate state dict follows. Before the fix, the mutation outlived the file and changed how the next was read.
+POISONS = {
+    "storage-type": _glob("torch", "BFloat16Storage") + _slot_build("dtype", _str("U8"))
+                    + _glob("torch", "FloatStorage") + _slot_build("dtype", _str("U8")),
+    "dtype": _glob("torch", "bfloat16") + _slot_build("dtype", _str("U8")),
+    "rebuild-function": _glob("torch._utils", "_rebuild_tensor_v2") + _slot_build("__defaults__", b")"),
+    "tensor-class": _glob("torch._tensor", "Tensor") + _slot_build("name", _str("x")),
+    "parameter-class": _glob("torch.nn.parameter", "Parameter") + _slot_build("name", _str("x")),
+    "dict-state-on-storage-type": _glob("torch", "FloatStorage") + b"}" + _str("dtype") + _str("U8") + b"sb0",
+}
+
+
+def storage_record_poison() -> bytes:
+    """A whole data.pkl: a legitimate F32 tensor whose storage record is changed by BUILD after it was checked."""
+    pid = b"(" + _str("storage") + _glob("torch", "FloatStorage") + _str("0") + _str("cpu") + b"K\x04tQ"
+    tensor = (_glob("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + b"q\x01K\x00K\x04\x85K\x01\x85\x89"
+              + _glob("collections", "OrderedDict") + b")RtR")
+    return (b"\x80\x02" + _glob("collections", "OrderedDict") + b")R(" + _str("w") + tensor + b"u"
+            + b"h\x01}(" + _str("dtype") + _str("U8") + _str("numel") + b"K\x10ub0.")
+
+
+def rewrite_pickle(src: pathlib.Path, dst: pathlib.Path, fn) -> None:
+    """Copy a torch.save zip with its data.pkl replaced by fn(data.pkl)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
+        for zi in zin.infolist():
+            data = zin.read(zi)
+            zout.writestr(zi, fn(data) if zi.filename.endswith("data.pkl") else data)
+
+
+def index_bytes(folder) -> dict[str, tuple]:
+    """tensor -> (dtype, shape, the bytes its range holds): what a reader of the folder would get."""
+    idx = index_model(str(folder))
+    out = {}
+    for n, r in idx.tensors.items():
+        with open(r.file, "rb") as f:
+            f.seek(r.entry.begin)
+            out[n] = (r.dtype, r.shape, f.read(r.entry.nbytes))
+    return out
+
+
+@pytest.mark.parametrize("kind", [*POISONS, "storage-record"])
+def test_build_poisoning_is_refused_and_the_other_model_reads_exactly(pairs, tmp_path, kind):
+    st_sft, st_al = pairs["st"]
+    bin_sft, bin_al = pairs["bin"]
+    poisoned = shutil.copytree(bin_sft, tmp_path / "sft", ignore=shutil.ignore_patterns("*.bin"))
+    p = poisoned / "pytorch_model.bin"
+    if kind == "storage-record":
+        rewrite_pickle(bin_sft / "pytorch_model.bin", p, lambda data: storage_record_poison())
+    else:
+        rewrite_pickle(bin_sft / "pytorch_model.bin", p, lambda data: data[:2] + POISONS[kind] + data[2:])
+    msg = expect_error(p, str(p), "refused", "BUILD", "nothing in it was run")
+    with pytest.raises(ExpoError, match="BUILD"):
+        index_model(str(poisoned))
+    # the same legitimate state dict without the prefix still reads; and the aligned .bin read next is exact
+    assert index_bytes(bin_al) == index_bytes(st_al)
+    assert index_bytes(bin_sft) == index_bytes(st_sft)
+    assert "\n" not in msg
+
+
+def test_each_file_gets_fresh_whitelisted_objects():
+    from expo_dist.unpickle import SafeUnpickler
+
+    a, b = SafeUnpickler(io.BytesIO(b"")), SafeUnpickler(io.BytesIO(b""))
+    for key, obj in a.allowed.items():
+        if key != ("collections", "OrderedDict"):  # a built-in type: nothing can change it
+            assert b.allowed[key] is not obj, key
+
+
+def test_poisoned_sft_then_legitimate_pair_merges_exactly(pairs, tmp_path):
+    """The attack of issue 10: a crafted SFT .bin read first, then a legitimate pair; no Ray (the task runner)."""
+    from expo_dist.execute import Runner
+    from expo_dist.finalize import create_shards
+    from expo_dist.merge import build_plan
+
+    st_sft, st_al = pairs["st"]
+    bin_sft, bin_al = pairs["bin"]
+    poisoned = tmp_path / "poisoned.bin"
+    rewrite_pickle(bin_sft / "pytorch_model.bin", poisoned, lambda data: data[:2] + POISONS["storage-type"] + data[2:])
+    expect_error(poisoned, "BUILD")
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = MergeSpec(sft=str(bin_sft), aligned=str(bin_al), alpha=ALPHA, out=str(out),
+                     max_shard_size="200KB").validate()
+    plan, _, _ = build_plan(spec)
+    create_shards(plan, str(out))
+    runner = Runner(str(out), chunk_bytes=1 << 20)
+    for task in plan.tasks:
+        runner.run(task)
+    runner.close()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": plan.total_size},
+                                                                   "weight_map": plan.weight_map()}))
+    assert assert_exact(str(out), str(st_sft), str(st_al), ALPHA, tie=False) > 0

@@ -137,6 +137,48 @@ def test_parse_source(tmp_path):
         sources.parse_ref("hf://org/name@main/x")  # refs are always pinned to a commit
 
 
+BAD_REVISIONS = ["../../x", "..", "a/../b", "refs/..", "/etc/passwd", "main\\..\\x", "ma in", "main\n",
+                 "v1\x00", "\tmain", "a//b", "./main", "main/", "a..b"]
+
+
+@pytest.mark.parametrize("rev", BAD_REVISIONS)
+def test_revision_with_path_tricks_is_refused(rev):
+    from expo_dist import hub
+
+    for text in (f"org/name@{rev}", f"hf://org/name@{rev}"):
+        if text.strip() != text or not rev.strip():
+            continue  # surrounding whitespace is stripped from what the user typed
+        with pytest.raises(ExpoError) as ei:
+            sources.parse_source(text)
+        msg = str(ei.value)
+        assert "\n" not in msg and "not a valid revision" in msg and "org/name@" in msg, msg
+    for call in (lambda: hub.resolve_commit("org/name", rev, None), lambda: hub.snapshot_dir("org/name", rev, None)):
+        with pytest.raises(ExpoError, match="not a valid revision"):
+            call()
+    for good in ("main", "v1.0", "refs/pr/3", "a" * 40, "release-2024.06", "feature/x_y"):
+        assert sources.parse_source(f"org/name@{good}").revision == good
+        hub.check_revision("org/name", good)
+
+
+def test_revision_cannot_reach_outside_refs(offline, tmp_path):
+    """org/name@../../x resolved refs/../../x, a file outside the cache's refs folder; now refused before any path
+    is built, and a refs/ entry that does not hold a commit sha is refused too."""
+    w = offline
+    folder = storage_folder(w["cache"], DPO)
+    (folder / "planted").write_text(w["v1"])  # what refs/../planted would read
+    with pytest.raises(ExpoError) as ei:
+        index_model(f"{DPO}@../planted")
+    assert "not a valid revision" in str(ei.value) and "\n" not in str(ei.value)
+    (folder / "refs" / "weird").write_text("../../../../tmp\n")
+    try:
+        with pytest.raises(ExpoError) as ei:
+            index_model(f"{DPO}@weird")
+        assert "not a 40-hex commit" in str(ei.value) and "\n" not in str(ei.value)
+    finally:
+        (folder / "refs" / "weird").unlink()
+        (folder / "planted").unlink()
+
+
 # ---- the cache layout is the library's ----
 
 

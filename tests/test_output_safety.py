@@ -142,6 +142,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_second_holder_names_it_and_is_free_when_it_dies(tmp_path):
     wdir = str(tmp_path / ".expo")
     p = subprocess.Popen([sys.executable, "-c", HOLD, wdir], stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -308,6 +309,7 @@ def test_resume_refuses_an_input_rewritten_in_place_with_its_mtime_set_back(pair
 
 # ---- SIGTERM --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after", [0.3, 1.0, 2.0, 3.5])
 def test_sigterm_exits_143_wherever_it_lands(pair, tmp_path, after):
     """Before Ray starts, while it starts, and mid-merge: always one line and 143 (Slurm reads it)."""

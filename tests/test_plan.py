@@ -16,7 +16,7 @@ from expo_dist import synth
 from expo_dist.dtypes import itemsize
 from expo_dist.errors import ExpoError
 from expo_dist.index import index_model
-from expo_dist.plan import COPY, EXTRAPOLATE, MIB, Source, make_plan, parse_size
+from expo_dist.plan import COPY, EXTRAPOLATE, MIB, Source, make_plan, natural_key, parse_size
 
 CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
        "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": False}
@@ -546,3 +546,44 @@ def test_parse_size_refuses(text):
     with pytest.raises(ExpoError) as ei:
         parse_size(text)
     assert repr(text) in str(ei.value)
+
+
+# ---- (e) models with nothing to merge, config types ----
+
+
+def test_zero_tensor_model_refused_at_plan(tmp_path):
+    spec = fake_sources(llama_spec(layers=1), "x")
+    with pytest.raises(ExpoError, match="SFT model holds no tensors") as ei:
+        plan_for({}, spec)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ExpoError, match="aligned model holds no tensors"):
+        plan_for(spec, {})
+    only_head = fake_sources({"lm_head.weight": ("BF16", (1000, 512))}, "h")
+    tied = dict(CFG, tie_word_embeddings=True)
+    with pytest.raises(ExpoError, match="no tensor is left"):
+        plan_for(only_head, only_head, sft_cfg=tied, aligned_cfg=tied)
+    # a real folder whose model.safetensors holds no tensors: refused while indexing, naming the folder
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_file({}, str(empty / "model.safetensors"))
+    with pytest.raises(ExpoError) as ei:
+        index_model(str(empty))
+    assert str(empty) in str(ei.value) and "no tensors" in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("value", ["false", "yes", 1, 0, [True], {"x": 1}])
+def test_tie_word_embeddings_must_be_a_boolean(value):
+    spec = fake_sources(llama_spec(layers=1), "x")
+    with pytest.raises(ExpoError, match="tie_word_embeddings is") as ei:
+        plan_for(spec, spec, sft_cfg=CFG, aligned_cfg=dict(CFG, tie_word_embeddings=value))
+    assert "\n" not in str(ei.value)
+    plan_for(spec, spec, sft_cfg=dict(CFG, tie_word_embeddings=None), aligned_cfg=CFG)  # null: not set
+
+
+def test_names_with_huge_digit_runs_are_ordered_without_int():
+    """natural_key compares digit runs by value without int(): 5000 digits would pass Python's int-string limit."""
+    names = ["layers.10.w", "layers.9.w", "layers." + "9" * 5000 + ".w", "layers.010.w", "x1\u00b2", "layers.2.w"]
+    assert sorted(names, key=natural_key)[:4] == ["layers.2.w", "layers.9.w", "layers.10.w", "layers.010.w"]
+    spec = {n: ("BF16", (4,)) for n in names}
+    plan = plan_for(fake_sources(spec, "s"), fake_sources(spec, "a"))
+    assert set(plan.weight_map()) == set(names)

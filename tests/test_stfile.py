@@ -291,3 +291,48 @@ def test_errors_agree_with_safetensors_itself(tmp_path):
             with safe_open(p, "pt") as f:
                 for k in f.keys():
                     f.get_tensor(k)
+
+
+@pytest.mark.parametrize("shape", [[True, 2], [2, False], [2.0], [1e400], ["2"], [None], [[2]], 2, "2", None])
+def test_shape_entries_must_be_integers_not_booleans(tmp_path, shape):
+    """bool is an int in Python, but not in safetensors: [true, 2] once passed and made a file safetensors refuses."""
+    h = good_header()
+    h["a"]["shape"] = shape
+    p = write_st(tmp_path / "s.safetensors", h, b"\0" * 14)
+    msg = expect_error(p, "'a'", "invalid shape")
+    assert "\n" not in msg
+    if shape == [True, 2]:
+        with pytest.raises(Exception):
+            with safe_open(p, "pt") as f:
+                f.get_tensor("a")
+
+
+@pytest.mark.parametrize("offsets", [[False, 8], [0, True], [0.0, 8.0], "0,8", [0], [0, 8, 8], None, {"0": 0},
+                                     [2 ** 64, 2 ** 64 + 8]])
+def test_data_offsets_must_be_two_integers(tmp_path, offsets):
+    h = good_header()
+    h["a"]["data_offsets"] = offsets
+    expect_error(write_st(tmp_path / "o.safetensors", h, b"\0" * 14), "'a'", "invalid data_offsets")
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, None, 4, True])
+def test_dtype_that_is_not_a_string(tmp_path, dtype):
+    h = good_header()
+    h["a"]["dtype"] = dtype
+    expect_error(write_st(tmp_path / "d.safetensors", h, b"\0" * 14), "'a'", "unknown dtype")
+
+
+def test_deep_or_huge_header_json(tmp_path):
+    raw = '{"a": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    expect_error(write_st(tmp_path / "deep.safetensors", raw, b""), "not valid JSON", "nested")
+    raw = json.dumps(good_header()).replace('"shape": [2]', '"shape": [' + "2" * 5000 + "]")
+    expect_error(write_st(tmp_path / "long.safetensors", raw, b"\0" * 14), "not valid JSON", "too long")
+
+
+def test_metadata_null_is_allowed_other_types_not(tmp_path):
+    h = good_header()
+    h["__metadata__"] = None
+    assert set(read_header(write_st(tmp_path / "n.safetensors", h, b"\0" * 14)).tensors) == {"a", "b"}
+    for bad in (["pt"], "pt", 3, {"format": {"x": "y"}}):
+        h["__metadata__"] = bad
+        expect_error(write_st(tmp_path / "m.safetensors", h, b"\0" * 14), "__metadata__")
