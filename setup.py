@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "expo_dist._ckernel",
-            ["expo_dist/_ckernel.c"],
+            "expo_dist.runtime._ckernel",
+            ["expo_dist/runtime/_ckernel.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99"],
             optional=True,
         )

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from . import __version__
+from ._version import __version__
 from .errors import ExpoError
 
 
@@ -75,7 +75,7 @@ def cmd_merge(args) -> int:
 
 def cmd_plan(args) -> int:
     from .merge import build_plan
-    from .report import plan_report
+    from .planning.report import plan_report
 
     spec = _spec(args).validate(need_out=False)
     plan, _, _ = build_plan(spec)
@@ -83,14 +83,14 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        from .report import format_report
+        from .planning.report import format_report
 
         print(format_report(report))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify
+    from .verify.check import verify
 
     sft, aligned, alpha = args.sft, args.aligned, args.alpha
     if args.config:

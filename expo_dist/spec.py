@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import reprlib
 from dataclasses import dataclass
 
 import yaml
 
 from .errors import ExpoError
-from .plan import parse_size
-from .rules import kind_of, parse_rules
+from .planning.plan import parse_size
+from .planning.rules import check_number, kind_of, parse_rules, show_value
 
 DEFAULT_TASK_BYTES = 256 << 20
 DEFAULT_SHARD_SIZE = "5GB"
@@ -72,23 +71,6 @@ def fields_help() -> str:
 
 
 # ---- the type checks: (label, value) -> the value in its one accepted form, or one ExpoError line --------------
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 4, 50, 50
-
-
-def show_value(value) -> str:
-    """A short one-line repr that never fails or blows up (huge integers, deep nesting, YAML aliases that share
-    one list thousands of times, long strings), with what kind of value it is."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
-    try:
-        text = _REPR.repr(value)
-    except (ValueError, RecursionError):
-        text = "..."
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({kind_of(value)})"
 
 
 def _fail(label: str, want: str, value):
@@ -154,26 +136,6 @@ def check_size(label: str, value, lo: int = 1) -> int:
     if value > MAX_SIZE:
         raise ExpoError(f"{label} must be at most {_size_text(MAX_SIZE)}, got {show_value(value)}")
     return value
-
-
-def check_number(label: str, value) -> float:
-    """A finite number: an int or float (never a boolean), or a string that reads as one (the CLI gives strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ExpoError(f"{label} must be a number, got {show_value(value)}")
-    try:
-        a = float(value.strip() if isinstance(value, str) else value)
-    except ValueError:
-        raise ExpoError(f"{label} must be a number, got {show_value(value)}") from None
-    except OverflowError:
-        raise ExpoError(f"{label} must be a finite number, got {show_value(value)}") from None
-    if not math.isfinite(a):
-        raise ExpoError(f"{label} must be a finite number, got {show_value(value)}")
-    return a
-
-
-def parse_alpha(value, label: str = "--alpha") -> float:
-    """A finite alpha, or one line saying what is wrong."""
-    return check_number(label, value)
 
 
 def check_alpha(label: str, value) -> float | list[float]:
@@ -295,7 +257,7 @@ class MergeSpec:
             self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
-        from .fileio import io_mode
+        from .runtime.fileio import io_mode
 
         self.io = io_mode(self.io)
         for key in ("sft", "aligned"):

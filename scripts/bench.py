@@ -32,7 +32,6 @@ import datetime
 import json
 import mmap
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -44,16 +43,17 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # this checkout's expo_dist, installed or not
 
-import rss  # noqa: E402
-from rss import GiB, TreeSampler, fmt_bytes  # noqa: E402
-
-from expo_dist.fileio import fs_type, open_direct  # noqa: E402
+from expo_dist.formats.folder import MANIFEST  # noqa: E402
+from expo_dist.runtime.fileio import fs_type, open_direct  # noqa: E402
+from expo_dist.testing import rss  # noqa: E402
+from expo_dist.testing.measure import (Cache, child_env, evict, machine, merge_cli, model_bytes,  # noqa: E402
+                                       nbytes, parse_shard_bytes, run_merge, run_sampled, tree_weight_files,
+                                       weight_files)
+from expo_dist.testing.rss import GiB, fmt_bytes  # noqa: E402
 
 IO_BLOCK = 16 << 20
-MANIFEST = "expo_manifest.json"
 MEMORY_SHAPE = dict(hidden_size=4096, intermediate_size=4096, num_layers=1, num_heads=32, num_kv_heads=8,
                     vocab_size=131072, tie_word_embeddings=False)  # embed_tokens and lm_head: 1 GiB each in bf16
 MEMORY_TASK_BYTES = "64MiB"
@@ -63,80 +63,10 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------- page cache
-
-class Cache:
-    """Drops the page cache before a phase where permitted; always evicts the benchmark's own files."""
-
-    DROP = "/proc/sys/vm/drop_caches"
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.dropped = 0
-        self.failed = 0
-        self.reason = None if enabled else "disabled with --no-drop-caches"
-
-    def drop(self, paths: list[str]) -> None:
-        os.sync()
-        for p in paths:
-            evict(p)
-        if not self.enabled:
-            return
-        try:
-            with open(self.DROP, "w") as f:
-                f.write("3\n")
-            self.dropped += 1
-        except OSError as e:
-            self.failed += 1
-            if self.reason is None:
-                self.reason = f"{e.strerror or e} ({e.filename or self.DROP})"
-                log(f"page cache NOT dropped: {self.reason}; evicting the benchmark's files with "
-                    "posix_fadvise(DONTNEED) only")
-
-    def status(self) -> str:
-        if self.dropped and not self.failed:
-            return "page cache dropped before each phase (drop_caches), benchmark files also evicted (fadvise)"
-        if self.dropped:
-            return (f"page cache dropped {self.dropped} times, NOT dropped {self.failed} times: {self.reason}; "
-                    "benchmark files evicted (fadvise) every time")
-        return f"page cache NOT dropped: {self.reason}; benchmark files evicted with posix_fadvise(DONTNEED) only"
-
-
-def evict(path: str) -> None:
-    """fsync and posix_fadvise(DONTNEED) every file under path (works without privileges)."""
-    if not path or not os.path.exists(path):
-        return
-    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
-    for f in files:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 # ------------------------------------------------------------------------------------------------ the pair
 
-def weight_files(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-
-
-def tree_weight_files(folder: str) -> list[str]:
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".safetensors"))
-
-
-def nbytes(files: list[str]) -> int:
-    return sum(os.path.getsize(f) for f in files)
-
-
 def shape_kwargs(args) -> dict:
-    from expo_dist import synth
+    from expo_dist.testing import synth
 
     if args.memory:
         kw = dict(MEMORY_SHAPE)
@@ -153,26 +83,6 @@ def shape_kwargs(args) -> dict:
     return kw
 
 
-def model_bytes(kw: dict, dtype: str) -> int:
-    import math
-
-    from expo_dist import synth
-
-    item = synth.DTYPES[dtype][0].itemsize
-    return sum(math.prod(s) for s in synth.llama_shapes(**kw).values()) * item
-
-
-def parse_shard_bytes(text: str) -> tuple:
-    from expo_dist.synth import parse_size
-
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2:
-        raise SystemExit("bench: --shard-bytes takes SFT[,ALIGNED], e.g. 1GB,700MB (or none)")
-    return tuple(None if p.lower() in ("none", "0", "") else parse_size(p) for p in parts)
-
-
 def get_pair(args, workdir: str) -> tuple[str, str, dict, bool]:
     """(sft_dir, aligned_dir, description, generated_here)."""
     if args.pair and all(os.path.isdir(os.path.join(args.pair, d)) and weight_files(os.path.join(args.pair, d))
@@ -186,7 +96,7 @@ def get_pair(args, workdir: str) -> tuple[str, str, dict, bool]:
         except (OSError, ValueError):
             pass
         return sft, aligned, desc, False
-    from expo_dist import synth
+    from expo_dist.testing import synth
 
     kw = shape_kwargs(args)
     target = args.pair or os.path.join(workdir, "pair")
@@ -296,79 +206,6 @@ def run_io_floor(sft_files: list[str], aligned_files: list[str], out_size: int, 
 
 
 # ---------------------------------------------------------------------------------------------- the merge
-
-def merge_cli() -> list[str]:
-    exe = shutil.which("expo-dist", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "expo_dist.cli"]
-
-
-SRC = ROOT  # the expo_dist checkout the merges run (--src)
-
-
-def child_env(extra_args: list[str], base: dict | None = None) -> dict:
-    env = dict(os.environ if base is None else base)
-    if "--address" not in extra_args:
-        env.pop("RAY_ADDRESS", None)  # an embedded Ray, not whatever cluster the caller's shell points at
-    env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def run_sampled(cmd: list[str], env: dict, log_path: str, timeout: float | None) -> dict:
-    """Run cmd, sampling its process tree's RSS; wall seconds, rc, stdout, stderr tail, RSS summary.
-
-    It runs in the log's folder: Ray puts the driver's working directory on its workers' sys.path, so a
-    merge started from a checkout would have its workers import that checkout's expo_dist."""
-    with open(log_path, "w") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                cwd=os.path.dirname(os.path.abspath(log_path)))
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                stdout, _ = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                stdout, _ = proc.communicate()
-            stdout = (stdout or "") + f"\n[bench: killed after {timeout}s]"
-        except BaseException:
-            proc.terminate()
-            proc.wait()
-            raise
-        finally:
-            wall = time.perf_counter() - t0
-            sampler.stop()
-    with open(log_path, errors="replace") as f:
-        stderr = f.read()
-    return {"wall": wall, "rc": proc.returncode, "stdout": stdout, "stderr_tail": stderr[-3000:],
-            "rss": sampler.summary(), "sampler": sampler}
-
-
-def run_merge(sft: str, aligned: str, alpha_args: list[str], out: str, extra: list[str], env: dict,
-              timeout: float | None, log_path: str) -> dict:
-    cmd = merge_cli() + ["merge", "--sft", sft, "--aligned", aligned, *alpha_args, "--out", out,
-                         "--json", "-q", *extra]
-    r = run_sampled(cmd, env, log_path, timeout)
-    r["cmd"] = cmd
-    r["json"] = None
-    try:
-        r["json"] = json.loads(r["stdout"])
-    except (ValueError, TypeError):
-        pass
-    manifest = os.path.join(out, MANIFEST)
-    r["manifest"] = json.load(open(manifest)) if os.path.exists(manifest) else None
-    r["out_bytes"] = nbytes(tree_weight_files(out)) if os.path.isdir(out) else 0
-    ms = None
-    for doc in (r["json"], r["manifest"]):
-        if isinstance(doc, dict) and isinstance(doc.get("merge_seconds"), (int, float)):
-            ms = float(doc["merge_seconds"])
-            break
-    r["merge_seconds"] = ms
-    return r
-
 
 def remove(path: str) -> None:
     if os.path.isdir(path):
@@ -499,26 +336,6 @@ def fmt_runs(xs):
     return " ".join("-" if x is None else f"{x:.2f}" for x in xs)
 
 
-def machine() -> dict:
-    import psutil
-
-    info = {"cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
-    try:
-        import ray
-        import torch
-
-        info.update(torch=torch.__version__, ray=ray.__version__)
-    except ImportError:
-        pass
-    try:
-        info["git"] = subprocess.run(["git", "-C", SRC, "describe", "--always", "--dirty"], capture_output=True,
-                                     text=True).stdout.strip() or "not a git checkout"
-    except OSError:
-        pass
-    return info
-
-
 def print_rss(summary: dict, title: str) -> None:
     procs = [rss.ProcInfo(**{k: p[k] for k in ("pid", "role", "name", "cmd", "peak_rss")},
                           peak_at=p["peak_at_s"]) for p in summary["per_process"]]
@@ -569,10 +386,9 @@ def main(argv=None) -> int:
     m.add_argument("--src", help="run the merges with the expo_dist package of this checkout (default: this one)")
     p.add_argument("--json", dest="json_file", help="write all figures to this file")
     args = p.parse_args(argv)
-    global SRC
+    src = os.path.abspath(args.src) if args.src else ROOT  # the expo_dist checkout the merges run
     if args.src:
-        SRC = os.path.abspath(args.src)
-        if not os.path.isfile(os.path.join(SRC, "expo_dist", "cli.py")):
+        if not os.path.isfile(os.path.join(src, "expo_dist", "cli.py")):
             raise SystemExit(f"bench: --src {args.src} has no expo_dist/cli.py")
     repeat = args.repeat if args.repeat is not None else (1 if args.memory else 3)
     if repeat < 1:
@@ -580,7 +396,7 @@ def main(argv=None) -> int:
     extra = shlex.split(args.merge_args)
     if args.memory and "--max-task-bytes" not in extra:
         extra += ["--max-task-bytes", MEMORY_TASK_BYTES]
-    env = child_env(extra)
+    env = child_env(extra, src)
 
     base = "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix="expo-bench-", dir=args.workdir or base)
@@ -591,8 +407,8 @@ def main(argv=None) -> int:
     cache = Cache(enabled=not args.no_drop_caches)
     pair_generated = False
     sft = aligned = None
-    results: dict = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                     "argv": sys.argv[1:], "workdir_fs": typ, "src": SRC}
+    results: dict = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(src),
+                     "argv": sys.argv[1:], "workdir_fs": typ, "src": src}
     try:
         if not args.pair or not os.path.isdir(os.path.join(args.pair, "sft")):
             kw = shape_kwargs(args)

@@ -8,8 +8,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from reference import assert_exact  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's expo_dist
+from expo_dist.testing.reference import assert_exact  # noqa: E402
 
 sft, aligned, out = sys.argv[1:4]
 manifest = json.load(open(os.path.join(out, "expo_manifest.json")))

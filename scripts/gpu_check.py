@@ -4,10 +4,10 @@
     python scripts/gpu_check.py                  # medium pair (≈0.6 GB per model), GPU + CPU merge, kernel timing
     python scripts/gpu_check.py --small          # seconds: a 20 MB pair, small kernel tensors (also for CPU-only)
 
-0. self-check: runs expo_dist.kernel.self_check (what every GPU worker runs when it starts: a few thousand
+0. self-check: runs expo_dist.runtime.kernel.self_check (what every GPU worker runs when it starts: a few thousand
    elements per dtype, ties, double-rounding, overflow, subnormal, NaN/inf and -0 cases, compared byte for
    byte with the CPU kernel) on CUDA, and on the CPU with the torch ops, and prints what it checked.
-1. kernel: times expo_dist.kernel.Kernel(dev).extrapolate on large bf16 tensors (after warm-up; on CUDA with
+1. kernel: times expo_dist.runtime.kernel.Kernel(dev).extrapolate on large bf16 tensors (after warm-up; on CUDA with
    torch.cuda.synchronize) and reports elements/s and GB/s (a, s read + out written: 6 bytes per element);
    the CPU paths (the C extension if built, and the torch ops: EXPO_KERNEL=torch) run on one thread, as in
    the merge workers; on CUDA the output is compared byte for byte with every CPU path's on a slice.
@@ -15,7 +15,7 @@
    GPUs, so the workers are GPU actors, each of which self-checks first) and with --device cpu (CPU actors,
    the GPUs left alone). It checks each run's workers used the expected device (and that every GPU worker
    passed its self-check), that the outputs are byte-identical (sha256 of every file we read back), and
-   (unless --no-exact) that the output equals the float64 reference of tests/reference.py.
+   (unless --no-exact) that the output equals the float64 reference of expo_dist/testing/reference.py.
 Without CUDA it prints "no CUDA device: GPU part skipped" and still does the CPU kernel timing and CPU merge.
 Exit status 0 when every check passed, 1 otherwise. Everything it writes is in a temp folder it removes.
 """
@@ -32,13 +32,11 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's expo_dist, installed or not
 
-import bench  # noqa: E402
-from rss import fmt_bytes  # noqa: E402
+from expo_dist.testing import measure  # noqa: E402
+from expo_dist.testing.rss import fmt_bytes  # noqa: E402
 
 MEDIUM = dict(hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16, num_kv_heads=4,
               vocab_size=32000, tie_word_embeddings=False)  # ≈ 0.62 GB per model in bf16
@@ -55,7 +53,7 @@ _DATA: dict = {}
 
 def cpu_impls() -> list[str]:
     """The CPU kernel paths this install has: 'C' (the optional extension) and 'torch' (the torch ops)."""
-    from expo_dist import kernel
+    from expo_dist.runtime import kernel
 
     have_c = getattr(kernel, "_ckernel", None) is not None
     return (["C"] if have_c else []) + ["torch"]
@@ -65,11 +63,11 @@ def time_kernel(device: str, n: int, reps: int, tile: int | None = None, threads
                 impl: str | None = None) -> dict:
     import torch
 
-    from expo_dist.kernel import Kernel
+    from expo_dist.runtime.kernel import Kernel
 
     old_env = os.environ.get("EXPO_KERNEL")
     if impl == "torch":
-        os.environ["EXPO_KERNEL"] = "torch"  # expo_dist.kernel reads it on each call
+        os.environ["EXPO_KERNEL"] = "torch"  # expo_dist.runtime.ckernel reads it on each call
     elif impl == "C":
         os.environ.pop("EXPO_KERNEL", None)
     if threads is not None:
@@ -111,7 +109,7 @@ def time_kernel(device: str, n: int, reps: int, tile: int | None = None, threads
 def kernel_part(args, cuda: bool) -> tuple[list[dict], list[str]]:
     import torch
 
-    from expo_dist.kernel import Kernel
+    from expo_dist.runtime.kernel import Kernel
 
     rows, fails = [], []
     for impl in cpu_impls():  # one thread, as in the merge workers
@@ -162,7 +160,7 @@ def kernel_part(args, cuda: bool) -> tuple[list[dict], list[str]]:
 def self_check_part(cuda: bool) -> tuple[list[dict], list[str]]:
     """kernel.self_check on CUDA (the GPU workers' start-up check) and on the CPU (the torch ops against the
     C kernel, where it is built)."""
-    from expo_dist.kernel import KernelCheckFailed, self_check
+    from expo_dist.runtime.kernel import KernelCheckFailed, self_check
 
     rows, fails = [], []
     for device in (["cuda"] if cuda else []) + ["cpu"]:
@@ -196,9 +194,9 @@ def file_hashes(folder: str) -> dict[str, str]:
 
 def merge_once(label, sft, aligned, out, args, env, workdir, in_bytes, device_args=()) -> dict:
     extra = list(device_args) + shlex.split(args.merge_args)
-    cache = bench.Cache(enabled=not args.no_drop_caches)
+    cache = measure.Cache(enabled=not args.no_drop_caches, who="gpu_check")
     cache.drop([sft, aligned])
-    r = bench.run_merge(sft, aligned, ["--alpha", repr(args.alpha)], out, extra, env, args.timeout,
+    r = measure.run_merge(sft, aligned, ["--alpha", repr(args.alpha)], out, extra, env, args.timeout,
                         os.path.join(workdir, f"merge-{label}.log"))
     if r["rc"]:
         raise SystemExit(f"gpu_check: {label} merge failed (exit {r['rc']}): {' '.join(r['cmd'])}\n{r['stderr_tail']}")
@@ -242,13 +240,13 @@ def main(argv=None) -> int:
     shape = dict(SMALL if args.small else MEDIUM)
     if args.layers is not None:
         shape["num_layers"] = args.layers
-    shard = bench.parse_shard_bytes(args.shard_bytes or ("8MB,5MB" if args.small else "200MB,150MB"))
+    shard = measure.parse_shard_bytes(args.shard_bytes or ("8MB,5MB" if args.small else "200MB,150MB"))
 
     import torch
 
     cuda = torch.cuda.is_available()
     fails: list[str] = []
-    report: dict = {"machine": bench.machine(), "cuda": cuda}
+    report: dict = {"machine": measure.machine(), "cuda": cuda}
     print(f"gpu_check  torch {torch.__version__}  " + (
         f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}"
         if cuda else "no CUDA"))
@@ -281,18 +279,18 @@ def main(argv=None) -> int:
     base = args.workdir or ("/var/tmp" if os.access("/var/tmp", os.W_OK) else None)
     workdir = tempfile.mkdtemp(prefix="expo-gpucheck-", dir=base)
     try:
-        from expo_dist import synth
+        from expo_dist.testing import synth
 
-        log(f"generating a pair ({bench.model_bytes(shape, 'bfloat16') / 1e9:.2f} GB per model) in {workdir}")
+        log(f"generating a pair ({measure.model_bytes(shape, 'bfloat16') / 1e9:.2f} GB per model) in {workdir}")
         t0 = time.perf_counter()
         sft, aligned = map(str, synth.make_pair(os.path.join(workdir, "pair"), sft_shard_bytes=shard[0],
                                                 aligned_shard_bytes=shard[1], **shape))
         log(f"pair generated in {time.perf_counter() - t0:.1f}s")
-        in_bytes = bench.nbytes(bench.weight_files(sft)) + bench.nbytes(bench.weight_files(aligned))
+        in_bytes = measure.nbytes(measure.weight_files(sft)) + measure.nbytes(measure.weight_files(aligned))
         extra = shlex.split(args.merge_args)
         runs = []
         if cuda:
-            env_gpu = bench.child_env(extra)
+            env_gpu = measure.child_env(extra)
             r = merge_once("gpu", sft, aligned, os.path.join(workdir, "out-gpu"), args, env_gpu, workdir, in_bytes,
                            ["--device", "cuda"])
             if not r["devices"] or not all(d.startswith("cuda") for d in r["devices"]):
@@ -300,7 +298,7 @@ def main(argv=None) -> int:
             if not r["self_checks"] or not all(r["self_checks"]):
                 fails.append("GPU merge: not every GPU worker reports a passed self-check in the manifest")
             runs.append(r)
-        env_cpu = bench.child_env(extra)
+        env_cpu = measure.child_env(extra)
         # --device cpu: CPU actors, even though Ray sees the GPUs
         r = merge_once("cpu", sft, aligned, os.path.join(workdir, "out-cpu"), args, env_cpu, workdir, in_bytes,
                        ["--device", "cpu"])
@@ -318,10 +316,9 @@ def main(argv=None) -> int:
                               if hashes["gpu"].get(k) != hashes["cpu"].get(k))
                 fails.append(f"GPU and CPU outputs differ: {diff}")
         if not args.no_exact:
-            log("checking the output against the float64 reference (tests/reference.py) ...")
-            sys.path.insert(0, os.path.join(ROOT, "tests"))
+            log("checking the output against the float64 reference (expo_dist/testing/reference.py) ...")
             try:
-                from reference import assert_exact
+                from expo_dist.testing.reference import assert_exact
 
                 label = "gpu" if cuda else "cpu"
                 t0 = time.perf_counter()

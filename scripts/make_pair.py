@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from expo_dist import synth  # noqa: E402
+from expo_dist.testing import synth  # noqa: E402
 
 DEFAULTS = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=256,
                 tie_word_embeddings=False)

@@ -26,7 +26,7 @@ else
 fi
 EXTRAS=${EXPO_EXTRAS:-test}
 STAMP="$("$PY" -c 'import sys; print(sys.prefix)')/.expo_dist-setup"
-WANT="$(cat pyproject.toml setup.py expo_dist/_ckernel.c | sha256sum | cut -c1-16) $EXTRAS $PWD"
+WANT="$(cat pyproject.toml setup.py expo_dist/runtime/_ckernel.c | sha256sum | cut -c1-16) $EXTRAS $PWD"
 CHECK="import expo_dist, torch, ray, safetensors, transformers, huggingface_hub, psutil"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "$CHECK" 2>/dev/null; then
     echo "$PY"; exit 0

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from expo_dist.cli import main
-from expo_dist.stfile import read_header
-from expo_dist.synth import make_pair
-from expo_dist.worker import TEST_DELAY_ENV
+from expo_dist.formats.safetensors import read_header
+from expo_dist.testing.synth import make_pair
+from expo_dist.runtime.worker import TEST_DELAY_ENV
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.json")

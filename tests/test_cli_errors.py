@@ -16,7 +16,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from expo_dist import synth
+from expo_dist.testing import synth
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors", "model.safetensors.index.json", "expo_manifest.json")

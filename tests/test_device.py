@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from expo_dist import kernel as kernel_mod
+from expo_dist.runtime import kernel as kernel_mod
 from expo_dist import merge
 from expo_dist.cli import main
-from expo_dist.driver import Scheduler, placement
+from expo_dist.runtime.scheduler import Scheduler, placement
 from expo_dist.errors import ExpoError
-from expo_dist.kernel import Kernel, KernelCheckFailed, check_cases, self_check
-from expo_dist.synth import make_pair
-from reference import assert_exact
+from expo_dist.runtime.kernel import Kernel, KernelCheckFailed, check_cases, self_check
+from expo_dist.testing.synth import make_pair
+from expo_dist.testing.reference import assert_exact
 
 ALPHA = 0.3
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
@@ -159,7 +159,7 @@ def test_placement():
 def test_failure_line_names_node_and_gpu(monkeypatch):
     import ray
 
-    from expo_dist import worker
+    from expo_dist.runtime import worker
 
     monkeypatch.setattr(worker.socket, "gethostname", lambda: "gpu-node-7")
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")

@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from expo_dist.execute import Runner
-from expo_dist.windows import windows
-from expo_dist.finalize import create_shards
+from expo_dist.runtime.runner import Runner
+from expo_dist.planning.windows import windows
+from expo_dist.output.finalize import create_shards
 from expo_dist.merge import build_plan
-from expo_dist.plan import COPY
+from expo_dist.planning.plan import COPY
 from expo_dist.spec import MergeSpec
-from expo_dist.synth import make_pair
-from reference import assert_exact
+from expo_dist.testing.synth import make_pair
+from expo_dist.testing.reference import assert_exact
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
     """Direct I/O (whole blocks straight to and from the disk, partial blocks through the page cache, buffers
     placed so each byte's address matches its file offset modulo the block) writes exactly the bytes the
     page-cache path writes, for window sizes that do and do not fall on block boundaries."""
-    from expo_dist.fileio import ALIGN
+    from expo_dist.runtime.fileio import ALIGN
 
     plan, sft, aligned = plan_and_pair
     outs = {}
@@ -150,7 +150,7 @@ def evict(*folders):
 def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, monkeypatch):
     """With direct I/O on, input pages already in the page cache (a file just downloaded, or read a moment
     ago) are read from the cache, found with mincore (no disk read to find out); the rest from the disk."""
-    from expo_dist.fileio import resident_prefix
+    from expo_dist.runtime.fileio import resident_prefix
 
     plan, sft, aligned = plan_and_pair
     monkeypatch.setenv("EXPO_IO", "direct")
@@ -194,7 +194,7 @@ def assert_exact_folder(out, plan, sft, aligned):
 def test_torch_path_writes_the_same_bytes_as_the_c_path(plan_and_pair, tmp_path, monkeypatch):
     """A CPU worker with the C kernel never imports torch (raw bytes in numpy buffers); without it (or with
     EXPO_KERNEL=torch, or on a GPU) the same windows go through torch ops: same bytes."""
-    from expo_dist import ckernel
+    from expo_dist.runtime import ckernel
 
     plan = plan_and_pair[0]
     if not ckernel.available():

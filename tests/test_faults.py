@@ -5,7 +5,7 @@ A worker process killed mid-task and a node removed mid-merge: the merge finishe
 A task that kills its worker every time: the merge fails after --max-attempts runs with a line naming the
 task and the last error, leaves nothing that looks complete, and the same command then resumes.
 
-Faults are injected with the test-only hooks in expo_dist/worker.py: EXPO_TEST_FAULTS names a JSON file,
+Faults are injected with the test-only hooks in expo_dist/runtime/worker.py: EXPO_TEST_FAULTS names a JSON file,
 re-read before every task, with a per-task delay (so there is a "mid-merge" to hit) and task ids whose
 worker exits at once.
 """
@@ -20,13 +20,13 @@ import psutil
 import pytest
 from clusters import three_node_cluster
 
-from reference import assert_same
+from expo_dist.testing.reference import assert_same
 
 from expo_dist.cli import main
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.synth import make_pair
-from expo_dist.worker import TEST_FAULTS_ENV
+from expo_dist.testing.synth import make_pair
+from expo_dist.runtime.worker import TEST_FAULTS_ENV
 
 ALPHA = 0.4
 SETTINGS = dict(max_shard_size="3MB", max_task_bytes="1MiB")

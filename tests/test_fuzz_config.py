@@ -211,8 +211,8 @@ def test_fuzz_cli_values(tmp_path, capsys):
 def merge_without_ray(spec) -> dict:
     """The merge's own steps (plan, staged shards, the worker's Runner, finish) in this process, without Ray:
     a real output folder in a fraction of a second."""
-    from expo_dist.execute import Runner
-    from expo_dist.finalize import create_shards, finish, work_dir
+    from expo_dist.runtime.runner import Runner
+    from expo_dist.output.finalize import create_shards, finish, work_dir
     from expo_dist.merge import build_plan
 
     spec.validate()
@@ -238,7 +238,7 @@ def merge_without_ray(spec) -> dict:
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
     from expo_dist.spec import MergeSpec
-    from expo_dist.synth import make_pair
+    from expo_dist.testing.synth import make_pair
 
     root = tmp_path_factory.mktemp("fuzz-out")
     sft, aligned = make_pair(root / "pair", seed=3, extra_vocab=5, nonfloat_buffer=True,

@@ -24,12 +24,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from expo_dist import synth
+from expo_dist.testing import synth
 from expo_dist.errors import ExpoError
-from expo_dist.index import index_model
-from expo_dist.merge import sources
-from expo_dist.plan import make_plan
-from reference import load_model
+from expo_dist.sources.index import index_model
+from expo_dist.planning.plan import tensor_sources
+from expo_dist.planning.plan import make_plan
+from expo_dist.testing.reference import load_model
 
 SEED = 10_2024
 TINY = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, vocab_size=16,
@@ -90,7 +90,7 @@ class Tally:
             return "crashed"
         try:
             s = index_model(str(sft))
-            make_plan(sources(s), sources(idx), alpha_for=lambda name: 0.3, sft_config=s.config,
+            make_plan(tensor_sources(s), tensor_sources(idx), alpha_for=lambda name: 0.3, sft_config=s.config,
                       aligned_config=idx.config, max_task_bytes=1 << 20, max_shard_size=4000)
         except ExpoError as e:
             return self._one_line(e, label, "plan-refused", None)

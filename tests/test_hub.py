@@ -15,20 +15,21 @@ import textwrap
 import pytest
 import torch
 
-import expo_dist.execute
-from expo_dist import fetch, sources
+import expo_dist.runtime.runner
+from expo_dist.sources import fetch
+from expo_dist.sources import refs as sources
 from expo_dist.errors import ExpoError
-from expo_dist.index import index_model
-from expo_dist.synth import make_pair
+from expo_dist.sources.index import index_model
+from expo_dist.testing.synth import make_pair
 from hubcache import FakeHub, cache_layout, lay_out, storage_folder
-from reference import assert_exact, load_model
+from expo_dist.testing.reference import assert_exact, load_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALPHA = 0.3
 SFT, DPO = "org/sft-model", "org/dpo-model"
-WIRED = hasattr(expo_dist.execute, "local_path")
+WIRED = hasattr(expo_dist.runtime.runner, "local_path")
 needs_wiring = pytest.mark.skipif(
-    not WIRED, reason="execute.Runner does not resolve hf:// weight refs yet: Runner._fd must call "
+    not WIRED, reason="runtime.runner.Runner does not resolve hf:// weight refs yet: Runner._fd must call "
                       "fetch.local_path(ref, cache_dir) (lead's wiring, see the issue-4 report)")
 SIDE = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "chat_template.jinja")
@@ -143,7 +144,7 @@ BAD_REVISIONS = ["../../x", "..", "a/../b", "refs/..", "/etc/passwd", "main\\..\
 
 @pytest.mark.parametrize("rev", BAD_REVISIONS)
 def test_revision_with_path_tricks_is_refused(rev):
-    from expo_dist import hub
+    from expo_dist.sources import hub
 
     for text in (f"org/name@{rev}", f"hf://org/name@{rev}"):
         if text.strip() != text or not rev.strip():
@@ -300,7 +301,7 @@ def test_bin_repo_plan_reads_no_tensor_bytes(offline, tmp_path, capsys):
     """A .bin-only repo in the cache: planning reads the zip directory, data.pkl and local headers, no tensor data."""
     from test_bin import to_bin
 
-    from expo_dist.binindex import read_bin_file
+    from expo_dist.formats.torchzip import read_bin_file
     from expo_dist.cli import main
 
     w = offline
@@ -463,7 +464,7 @@ def test_plan_online_bin_repo_reads_no_tensor_data(hub, big, tmp_path):
     """A .bin-only repo on the Hub: the zip directory, data.pkl and local headers come by range requests."""
     from test_bin import to_bin
 
-    from expo_dist.binindex import read_bin_file
+    from expo_dist.formats.torchzip import read_bin_file
 
     (sft, aligned), _ = big
     folder = to_bin(aligned, tmp_path / "dpo-bin", 8)
@@ -517,7 +518,7 @@ def test_local_path_fetches_once_per_node_cache(hub, big, tmp_path):
     ref = sources.make_ref(SFT, commit, name)
     code = textwrap.dedent(f"""
         import json
-        from expo_dist import fetch
+        from expo_dist.sources import fetch
         p1 = fetch.local_path({ref!r})
         p2 = fetch.local_path({ref!r})
         assert p1 == p2 and fetch.local_path("/x/y") == "/x/y"
@@ -542,7 +543,7 @@ def test_local_path_fetches_once_per_node_cache(hub, big, tmp_path):
 
 _FETCH_ONE = textwrap.dedent("""
     import json, sys, time
-    from expo_dist import fetch
+    from expo_dist.sources import fetch
     from expo_dist.errors import ExpoError
     fetch.BACKOFF_S = 0.05  # the schedule, not its length, is under test
     t0 = time.monotonic()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from expo_dist.kernel import Kernel, round_f64_to
+from expo_dist.runtime.kernel import Kernel, round_f64_to
 
 # precision p (significand bits incl. the implicit one), emin, emax
 FORMATS = {torch.bfloat16: (8, -126, 127), torch.float16: (11, -14, 15), torch.float32: (24, -126, 127)}
@@ -254,7 +254,7 @@ def test_round_accepts_2d_input():
 
 
 def test_round_longer_than_one_tile_float16_matches_numpy():
-    from expo_dist.kernel import TILE
+    from expo_dist.runtime.kernel import TILE
 
     base = value_set(torch.float16, 0)
     reps = (TILE + 12345) // base.numel() + 1
@@ -310,7 +310,7 @@ def python_reference(a: torch.Tensor, s: torch.Tensor, alpha: float, dtype, idx)
 @pytest.fixture(params=["c", "torch"])
 def impl(request, monkeypatch):
     """Run each extrapolate() test on both implementations: the C extension and the torch ops."""
-    from expo_dist import kernel
+    from expo_dist.runtime import kernel
 
     if request.param == "c":
         if kernel._ckernel is None:
@@ -468,7 +468,7 @@ def test_extrapolate_writes_only_out_and_leaves_inputs(impl):
 
 
 def test_c_and_torch_kernels_write_identical_bytes(monkeypatch):
-    from expo_dist import kernel
+    from expo_dist.runtime import kernel
 
     if kernel._ckernel is None:
         pytest.skip("C kernel not built in this install")

@@ -8,8 +8,8 @@ import torch
 
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.synth import make_pair
-from reference import assert_exact, load_model
+from expo_dist.testing.synth import make_pair
+from expo_dist.testing.reference import assert_exact, load_model
 
 ALPHA = 0.3
 
@@ -103,7 +103,7 @@ def test_byte_identical(baseline, mid_pair, tmp_path, kw):
 def test_transformers_loads_and_logits_match(baseline, mid_pair):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from reference import expected_bytes, load_dtypes
+    from expo_dist.testing.reference import expected_bytes, load_dtypes
 
     model, info = AutoModelForCausalLM.from_pretrained(str(baseline), dtype=torch.float32, output_loading_info=True)
     assert info["missing_keys"] == set() or not info["missing_keys"]

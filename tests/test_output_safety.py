@@ -13,18 +13,18 @@ import time
 
 import pytest
 
-from reference import assert_exact, assert_same
+from expo_dist.testing.reference import assert_exact, assert_same
 
 from expo_dist.cli import main
 from expo_dist.errors import ExpoError
-from expo_dist.finalize import side_files
-from expo_dist.journal import Journal
+from expo_dist.formats.folder import side_files
+from expo_dist.output.journal import Journal
 from expo_dist.merge import build_plan, fingerprint, prepare_output, run
-from expo_dist.outlock import OutputLock
-from expo_dist.owned import clear_owned
+from expo_dist.output.lock import OutputLock
+from expo_dist.output.owned import clear_owned
 from expo_dist.spec import MergeSpec
-from expo_dist.synth import make_pair
-from expo_dist.worker import TEST_DELAY_ENV
+from expo_dist.testing.synth import make_pair
+from expo_dist.runtime.worker import TEST_DELAY_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHA = 0.3
@@ -135,7 +135,7 @@ def test_clear_owned_never_follows_a_link_named_like_an_output(tmp_path):
 
 HOLD = """
 import sys, time
-from expo_dist.outlock import OutputLock
+from expo_dist.output.lock import OutputLock
 lock = OutputLock(sys.argv[1], "test").acquire()
 print("held", flush=True)
 time.sleep(60)
@@ -174,7 +174,7 @@ def test_lease_when_flock_is_refused(tmp_path, monkeypatch):
     import errno
     import fcntl
 
-    import expo_dist.outlock as outlock
+    import expo_dist.output.lock as outlock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -290,9 +290,7 @@ def test_resume_refuses_an_input_rewritten_in_place_with_its_mtime_set_back(pair
     spec = MergeSpec(sft=str(sft), aligned=str(pair[1]), alpha=ALPHA, out=str(tmp_path / "out"),
                      max_task_bytes="1MiB", max_shard_size="3MB").validate()
     plan, _, aligned = build_plan(spec)
-    journal, lock = prepare_output(spec, plan, aligned.root)
-    journal.close()
-    lock.release()
+    prepare_output(spec, plan, aligned.root).release()
     fp = fingerprint(plan, spec)
     victim = next(p for p in sft.iterdir() if p.suffix == ".safetensors")
     st = os.stat(victim)

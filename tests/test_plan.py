@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from expo_dist import synth
-from expo_dist.dtypes import itemsize
+from expo_dist.testing import synth
+from expo_dist.formats.dtypes import itemsize
 from expo_dist.errors import ExpoError
-from expo_dist.index import index_model
-from expo_dist.plan import COPY, EXTRAPOLATE, MIB, Source, make_plan, natural_key, parse_size
+from expo_dist.sources.index import index_model
+from expo_dist.planning.plan import COPY, EXTRAPOLATE, MIB, Source, make_plan, natural_key, parse_size
 
 CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
        "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": False}

@@ -4,7 +4,7 @@ import json
 import os
 
 from expo_dist.cli import main
-from expo_dist.synth import make_pair
+from expo_dist.testing.synth import make_pair
 
 
 def test_plan_matches_merge(local_ray, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""stfile: laying out new safetensors files, and reading/validating headers of existing ones."""
+"""formats.safetensors: laying out new safetensors files, and reading/validating headers of existing ones."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save, save_file
 
-from expo_dist.dtypes import DTYPES, itemsize
+from expo_dist.formats.dtypes import DTYPES, itemsize
 from expo_dist.errors import ExpoError
-from expo_dist.stfile import alignment_order, layout, read_header
+from expo_dist.formats.safetensors import alignment_order, layout, read_header
 
 ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
       torch.int8: "I8", torch.float64: "F64", torch.bool: "BOOL", torch.int32: "I32", torch.uint8: "U8"}

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from expo_dist import synth
+from expo_dist.testing import synth
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]

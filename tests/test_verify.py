@@ -11,8 +11,8 @@ import pytest
 from expo_dist.cli import main
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.stfile import read_header
-from expo_dist.synth import make_pair
+from expo_dist.formats.safetensors import read_header
+from expo_dist.testing.synth import make_pair
 from expo_dist.verify import verify
 
 ALPHA = 0.3

@@ -25,7 +25,6 @@ ALPHA = 0.3
 # Several output shards and ~10 tasks of ≤1 MiB: enough that both Ray nodes get work.
 SPLIT_ARGS = ["--max-shard-size", "2MB", "--max-task-bytes", "1MiB"]
 
-sys.path.insert(0, str(ROOT / "tests"))  # tests/reference.py: the independent float64 reference
 # The test modules import these helpers as `cluster_conftest`: the name `conftest` is shared with
 # tests/conftest.py, and sys.modules["conftest"] is whichever pytest imported last.
 sys.modules.setdefault("cluster_conftest", sys.modules[__name__])
@@ -72,7 +71,7 @@ def ray_job_skip_reason() -> str | None:
 
 def make_small_pair(folder: pathlib.Path):
     """~8 MB bf16 Llama pair with different shard boundaries per model: (sft_dir, aligned_dir)."""
-    from expo_dist.synth import make_pair
+    from expo_dist.testing.synth import make_pair
 
     return make_pair(folder, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
                      vocab_size=2048, sft_shard_bytes=3_000_000, aligned_shard_bytes=2_000_000, seed=11)
@@ -81,9 +80,9 @@ def make_small_pair(folder: pathlib.Path):
 def assert_exact_output(out, sft, aligned, alpha=ALPHA) -> int:
     """Every element equals float64 a + α·(a − s) rounded once to the output dtype (bf16 here).
 
-    Uses tests/reference.py, which shares no code with expo_dist.kernel: bf16 round-to-nearest-even on
+    Uses expo_dist.testing.reference, which shares no code with the kernel (expo_dist.runtime): bf16 round-to-nearest-even on
     the float64 bit pattern (no float32 step, so no double rounding)."""
-    from reference import assert_exact
+    from expo_dist.testing.reference import assert_exact
 
     out = pathlib.Path(out)
     assert (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists(), \

@@ -84,7 +84,7 @@ def test_sbatch_passes_on_the_merge_exit_code(tmp_path, ray_tmp_cleanup):
 def test_scancel_stops_ray_and_leaves_no_complete_output(pair, tmp_path, ray_tmp_cleanup):
     sft, aligned = pair
     out, log = tmp_path / "out", tmp_path / "job.log"
-    # EXPO_TEST_TASK_DELAY (test-only hook in expo_dist/worker.py): each task sleeps 3 s, so with ~10 tasks
+    # EXPO_TEST_TASK_DELAY (test-only hook in expo_dist/runtime/worker.py): each task sleeps 3 s, so with ~10 tasks
     # on 2 workers the merge runs ≥ 15 s. A bigger pair would only be slow to generate on 2 cores.
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "-o", str(log), str(SBATCH), "merge",
                         "--sft", str(sft), "--aligned", str(aligned), "--alpha", str(ALPHA), "--out", str(out),

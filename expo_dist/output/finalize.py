@@ -1,0 +1,166 @@
+"""The output folder: preparing it, staging shards, and finishing it so that it is complete only at the end.
+
+Shards are written under OUT/.expo/ and moved into place after every one is sealed (fsynced and hashed);
+the manifest comes next and the weight index (or the single model.safetensors) last, so a folder that
+transformers can load is always a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+
+from .._version import __version__
+from ..errors import ExpoError
+from ..formats.folder import CARD, INDEX, MANIFEST, WORK, side_file_source, side_files
+from ..planning.plan import Plan
+from ..runtime.fileio import atomic_file, atomic_write, fsync_dir
+
+log = logging.getLogger("expo_dist")
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out: str, inputs: list[str]) -> None:
+    for src in inputs:
+        if src and os.path.isdir(src):
+            if _inside(out, src):
+                raise ExpoError(f"--out {out} is {'the same as' if os.path.realpath(out) == os.path.realpath(src) else 'inside'} "
+                                f"the input {src}; choose a folder outside the input models")
+            if _inside(src, out):
+                raise ExpoError(f"--out {out} contains the input {src}; choose another output folder")
+
+
+def work_dir(out: str) -> str:
+    return os.path.join(out, WORK)
+
+
+def create_shards(plan: Plan, wdir: str, keep: set[str] = frozenset()) -> None:
+    """Pre-size each staged shard and write its header; workers fill in the data ranges."""
+    os.makedirs(wdir, exist_ok=True)
+    for shard in plan.shards:
+        path = os.path.join(wdir, shard.file)
+        if shard.file in keep and os.path.exists(path) and os.path.getsize(path) == shard.layout.size:
+            with open(path, "rb") as f:
+                if f.read(len(shard.layout.header)) == shard.layout.header:
+                    continue
+        with open(path, "wb") as f:
+            f.write(shard.layout.header)
+            f.truncate(shard.layout.size)
+
+
+def copy_side_file(aligned_root: str, name: str, dst: str) -> None:
+    """Copy one side file, opened without following links (checked just before) and only if regular."""
+    real, why = side_file_source(aligned_root, name)
+    if real is None:
+        raise ExpoError(f"{os.path.join(aligned_root, name)}: {why}; the aligned model folder changed during the merge")
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ExpoError(f"{os.path.join(aligned_root, name)}: not a regular file")
+        with atomic_file(dst) as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+
+
+def output_names(plan: Plan, side: list[str]) -> list[str]:
+    """Every name a finished output folder holds at its top (what --overwrite may later remove)."""
+    names = [*side, CARD, MANIFEST, *(s.file for s in plan.shards)]
+    return names + [INDEX] if len(plan.shards) > 1 else names
+
+
+def _card_id(source: str) -> str:
+    """How the card's base_model names a source: a Hub repo by its bare id (the Hub links it; the revision is in
+    the text and the manifest), a folder by its path. Quoted, so that any path is valid YAML."""
+    from ..sources.refs import parse_source
+
+    try:
+        spec = parse_source(str(source))
+    except Exception:  # noqa: BLE001 - the card names what the user typed when it is not a valid source any more
+        spec = None
+    return json.dumps(spec.repo_id if spec is not None and spec.repo_id else str(source))
+
+
+def model_card(spec_info: dict) -> str:
+    sft, aligned, alpha = spec_info["sft"], spec_info["aligned"], spec_info["alpha"]
+    rules = spec_info.get("alpha_rules") or []
+    rule_lines = "".join(f"  - `{r.get('match') or r.get('regex')}` ({'glob' if 'match' in r else 'regex'}): "
+                         + (f"alpha {r['alpha']}" if "alpha" in r else f"alpha x {r['scale']}") + "\n"
+                         for r in rules)
+    rules_text = ("- per-tensor alpha rules (first match wins; other tensors take the alpha above):\n" + rule_lines
+                  if rules else "")
+    return f"""---
+base_model:
+- {_card_id(aligned)}
+- {_card_id(sft)}
+tags:
+- expo
+- merge
+- expo_dist
+library_name: transformers
+---
+# ExPO extrapolation of {os.path.basename(str(aligned).rstrip('/'))}
+
+This model was made with [expo_dist](https://pypi.org/project/expo_dist/) {__version__} by weak-to-strong
+extrapolation (ExPO; Zheng et al., 2024, "Weak-to-Strong Extrapolation Expedites Alignment"):
+
+    theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft)
+
+- aligned model: `{aligned}`
+- SFT model: `{sft}`
+- alpha: {alpha}
+{rules_text}
+Every floating-point tensor was computed in float64 and rounded once to its output dtype. Tensors that
+are not floating point were copied from the aligned model. The config, generation config and tokenizer
+files come from the aligned model. `{MANIFEST}` lists the inputs, the settings and the sha256 of every
+weight file.
+"""
+
+
+def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str, dict], variant: int = 0) -> dict:
+    """Copy side files, write card and manifest, move shards into place, write the index last.
+
+    variant: which alpha of a sweep this folder holds (per-tensor alphas in the manifest)."""
+    wdir = work_dir(out)
+    skipped: list[str] = []
+    side = side_files(aligned_root, skipped)
+    skipped = [w for w in skipped if w not in plan.warnings]  # build_plan said these before the merge
+    for w in skipped:
+        log.warning("%s", w)
+    for name in side:
+        copy_side_file(aligned_root, name, os.path.join(out, name))
+    atomic_write(os.path.join(out, CARD), model_card(info).encode())
+    manifest = {
+        "tool": "expo_dist",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "formula": "theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft), float64, rounded once",
+        **info,
+        "total_size": plan.total_size,
+        "files": {s.file: sealed[s.file] for s in plan.shards},
+        "tensors": {k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape),
+                        "alpha": d.alphas[variant] if d.alphas else None}
+                    for k, d in plan.decisions.items()},
+        "warnings": plan.warnings + skipped,
+        "written": output_names(plan, side),
+    }
+    atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    sharded = len(plan.shards) > 1
+    for shard in plan.shards:
+        if sharded:
+            os.replace(os.path.join(wdir, shard.file), os.path.join(out, shard.file))
+    if sharded:
+        fsync_dir(out)
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map().items()))}
+        atomic_write(os.path.join(out, INDEX), (json.dumps(index, indent=2) + "\n").encode())
+    else:
+        os.replace(os.path.join(wdir, plan.shards[0].file), os.path.join(out, plan.shards[0].file))
+    fsync_dir(out)
+    shutil.rmtree(wdir, ignore_errors=True)
+    return manifest

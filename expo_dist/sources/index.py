@@ -1,0 +1,162 @@
+"""Index a model (local folder or Hub repo): every tensor's file, dtype, shape and byte range, from headers alone."""
+
+from __future__ import annotations
+
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..errors import ExpoError
+from ..formats import jsonsafe
+from ..formats.folder import BIN_INDEX, BIN_SINGLE, INDEX, SINGLE
+from ..formats.safetensors import MAX_HEADER, FileHeader, TensorEntry, bad_name, parse_header, read_header
+from ..formats.torchzip import read_bin_header
+from .refs import Resolved, resolve
+
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    file: str  # absolute path, or hf://org/name@<commit>/<file> (fetch.local_path resolves it on a worker)
+    entry: TensorEntry
+
+    @property
+    def dtype(self) -> str:
+        return self.entry.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+
+@dataclass
+class ModelIndex:
+    root: str
+    tensors: dict[str, TensorRef]
+    files: dict[str, FileHeader] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)  # {"path": ...} or {"repo_id", "revision", "commit"}
+    format: str = "safetensors"  # or "pytorch .bin"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors.values())
+
+
+def _safe_name(root: str, name: str, where: str) -> str:
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "/" in name or "\\" in name \
+            or name in (".", "..") or os.path.isabs(name) or bad_name(name):
+        raise ExpoError(f"{where}: refuses weight file name {jsonsafe.shown(name, 80)} (must be a plain "
+                        "file name inside the folder)")
+    return os.path.join(root, name)
+
+
+def read_config(root: str) -> dict:
+    path = os.path.join(root, "config.json")
+    if not os.path.lexists(path):
+        return {}
+    cfg = jsonsafe.load_file(path, f"{path}: cannot read config", "fix or re-download config.json")
+    if not isinstance(cfg, dict):
+        raise ExpoError(f"{path}: config is not a JSON object")
+    return cfg
+
+
+def _load_weight_map(index_path: str, kind: str, where: str) -> dict:
+    what = f"{where}: not a valid {kind} index"
+    doc = jsonsafe.load_file(index_path, what, "fix or re-download it")
+    if not isinstance(doc, dict):
+        got = "not a JSON object"
+    elif not isinstance(doc.get("weight_map"), dict):
+        got = f"weight_map is a {type(doc['weight_map']).__name__}" if "weight_map" in doc else "no weight_map"
+    else:
+        return doc["weight_map"]
+    raise ExpoError(f"{what} ({got}; it needs a weight_map of tensor name -> file name)")
+
+
+def _st_header(src: Resolved, name: str) -> FileHeader:
+    """A safetensors header, from the local file (folder or HF cache) or by range requests; no tensor data."""
+    if not src.is_hub:
+        return read_header(src.ref(name))
+    r = src.reader(name)
+    try:
+        head = r.read(0, 8)
+        if len(head) < 8:
+            raise ExpoError(f"{r.display}: not a safetensors file (shorter than 8 bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > r.size:
+            raise ExpoError(f"{r.display}: header length {n} goes beyond the file's {r.size} bytes "
+                            "(truncated or not safetensors)")
+        raw = r.read(8, n)
+    finally:
+        r.close()
+    return parse_header(r.display, raw, r.size)
+
+
+def _bin_header(src: Resolved, name: str) -> FileHeader:
+    r = src.reader(name)
+    try:
+        return read_bin_header(r)
+    finally:
+        r.close()
+
+
+def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
+    """Index a model: a local folder, or a Hub repo id[@revision] (see refs.resolve), holding model.safetensors,
+    a sharded safetensors checkpoint, pytorch_model.bin or a sharded .bin checkpoint (torch.save zip format).
+
+    Weight files are named by TensorRef.file: an absolute path, or hf://org/name@<commit>/<file> for the Hub."""
+    src = resolve(source, cache_dir)
+    root = src.root
+    where = root if not src.is_hub else f"{src.repo_id}@{src.revision or 'main'}"
+    for index_name, single_name, kind in ((INDEX, SINGLE, "safetensors"),
+                                          (BIN_INDEX, BIN_SINGLE, "pytorch .bin")):
+        if src.exists(index_name):
+            index_path = src.local_file(index_name) if not src.is_hub else src.display(index_name)
+            weight_map = _load_weight_map(src.local_file(index_name), kind, index_path)
+            files = []
+            for name in weight_map.values():
+                _safe_name(root, name, index_path)
+                if name not in files:
+                    files.append(name)
+            for name in files:
+                if not src.exists(name):
+                    raise ExpoError(f"{index_path}: names {name}, which is missing from {where}")
+            break
+        if src.exists(single_name):
+            weight_map, files = None, [single_name]
+            break
+    else:
+        raise ExpoError(f"{where}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX} "
+                        "(is this a model folder?)")
+
+    tensors: dict[str, TensorRef] = {}
+    headers = {}
+    read = _st_header if kind == "safetensors" else _bin_header
+    if src.is_hub and len(files) > 1:  # remote headers: a few range requests at a time
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda name: read(src, name), files))
+    else:
+        found = [read(src, name) for name in files]
+    for name, h in zip(files, found):
+        path = src.ref(name)
+        headers[path] = h
+        for tname, entry in h.tensors.items():
+            if tname in tensors:
+                raise ExpoError(
+                    f"{where}: tensor {tname!r} appears in both {os.path.basename(tensors[tname].file)} "
+                    f"and {name}"
+                )
+            tensors[tname] = TensorRef(path, entry)
+    if not tensors:
+        raise ExpoError(f"{where}: its weight files hold no tensors; there is nothing to merge (is this the right "
+                        "folder, and was the checkpoint saved completely?)")
+    if weight_map is not None:
+        for tname, fname in weight_map.items():
+            ref = tensors.get(tname)
+            if ref is None or os.path.basename(ref.file) != fname:
+                raise ExpoError(f"{index_path}: maps {tname!r} to {fname}, which does not hold it")
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise ExpoError(f"{index_path}: tensors present in shards but not in weight_map: {', '.join(extra[:5])}")
+    return ModelIndex(root, tensors, headers, read_config(root), origin=src.origin(), format=kind)
