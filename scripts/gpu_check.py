@@ -4,7 +4,7 @@
     python scripts/gpu_check.py                  # medium pair (≈0.6 GB per model), GPU + CPU merge, kernel timing
     python scripts/gpu_check.py --small          # seconds: a 20 MB pair, small kernel tensors (also for CPU-only)
 
-0. self-check: runs expo_dist.runtime.kernel.self_check (what every GPU worker runs when it starts: a few thousand
+0. self-check: runs expo_dist.runtime.selfcheck.self_check (what every GPU worker runs when it starts: a few thousand
    elements per dtype, ties, double-rounding, overflow, subnormal, NaN/inf and -0 cases, compared byte for
    byte with the CPU kernel) on CUDA, and on the CPU with the torch ops, and prints what it checked.
 1. kernel: times expo_dist.runtime.kernel.Kernel(dev).extrapolate on large bf16 tensors (after warm-up; on CUDA with
@@ -158,9 +158,9 @@ def kernel_part(args, cuda: bool) -> tuple[list[dict], list[str]]:
 
 
 def self_check_part(cuda: bool) -> tuple[list[dict], list[str]]:
-    """kernel.self_check on CUDA (the GPU workers' start-up check) and on the CPU (the torch ops against the
+    """selfcheck.self_check on CUDA (the GPU workers' start-up check) and on the CPU (the torch ops against the
     C kernel, where it is built)."""
-    from expo_dist.runtime.kernel import KernelCheckFailed, self_check
+    from expo_dist.runtime.selfcheck import KernelCheckFailed, self_check
 
     rows, fails = [], []
     for device in (["cuda"] if cuda else []) + ["cpu"]:

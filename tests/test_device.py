@@ -1,6 +1,6 @@
 """--device and the GPU workers' kernel self-check, without a GPU.
 
-The self-check (kernel.self_check) needs no Ray: it runs here on the CPU with the torch ops as the kernel under
+The self-check (selfcheck.self_check) needs no Ray: it runs here on the CPU with the torch ops as the kernel under
 test and the C kernel as the reference, and with kernels injected that write one wrong byte (or get rounding,
 subnormals, NaN or overflow wrong), which it must catch. On Ray, one embedded instance for the module declares
 one GPU that is not there (Ray takes num_gpus at its word): with --device auto the worker is a GPU worker
@@ -20,11 +20,13 @@ import pytest
 import torch
 
 from expo_dist.runtime import kernel as kernel_mod
+from expo_dist.runtime import selfcheck
 from expo_dist import merge
 from expo_dist.cli import main
 from expo_dist.runtime.scheduler import Scheduler, placement
 from expo_dist.errors import ExpoError
-from expo_dist.runtime.kernel import Kernel, KernelCheckFailed, check_cases, self_check
+from expo_dist.runtime.kernel import Kernel
+from expo_dist.runtime.selfcheck import KernelCheckFailed, check_cases, self_check
 from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact
 
@@ -291,8 +293,8 @@ def test_kernel_check_bytes_helpers_round_trip():
     """The cases' bit patterns are what they claim: midpoints between neighbours, NaNs that are NaN."""
     rng = np.random.default_rng(0)
     for dt in ("BF16", "F16", "F32"):
-        p = kernel_mod._patterns(dt, rng, 500)
-        v = kernel_mod._values(p, dt)
+        p = selfcheck._patterns(dt, rng, 500)
+        v = selfcheck._values(p, dt)
         assert np.isfinite(v).all() and (v != 0).all()
-        nans = kernel_mod._values(np.array(kernel_mod._nan_patterns(dt), dtype=kernel_mod._FMT[dt][2]), dt)
+        nans = selfcheck._values(np.array(selfcheck._nan_patterns(dt), dtype=selfcheck._FMT[dt][2]), dt)
         assert np.isnan(nans).all()

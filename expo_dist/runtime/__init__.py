@@ -10,7 +10,7 @@ _EXPORTS = {
     "MergeWorker": "worker",
     "Runner": "runner", "TaskResult": "runner",
     "Kernel": "kernel", "round_f64_to": "kernel",
-    "KernelCheckFailed": "kernel", "self_check": "kernel",
+    "KernelCheckFailed": "selfcheck", "self_check": "selfcheck",
     "FileHasher": "hashing",
     "atomic_write": "fileio", "io_mode": "fileio", "pread_into": "fileio", "pwrite_all": "fileio",
 }

@@ -73,7 +73,7 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 
 def device_failure(err: BaseException, device: str, doing: str = "") -> str:
     """The one line a GPU worker stops with: what failed, on which node and GPU, and what to do instead."""
-    from .kernel import KernelCheckFailed
+    from .selfcheck import KernelCheckFailed
 
     where = f"{gpu_name(device)} on {node_name()}"
     if isinstance(err, KernelCheckFailed):
@@ -92,7 +92,7 @@ def _is_cuda_error(err: BaseException) -> bool:
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class MergeWorker:
-    """self_check: prove the kernel first (kernel.self_check), and report a failure from info() rather than
+    """self_check: prove the kernel first (selfcheck.self_check), and report a failure from info() rather than
     take tasks; None: on a GPU. kernel: a factory device -> kernel.Kernel to use instead of the default (tests
     give one that writes a wrong byte). A GPU worker that cannot start or fails its check does not raise
     here (Ray would print the traceback and keep only the text): info() carries the one line instead."""
@@ -122,10 +122,10 @@ class MergeWorker:
             self.runner = Runner(out_dirs, device, cache_dir=cache_dir, io=io,
                                  kernel=kernel(device) if kernel is not None else None)
             if check and self.runner.kernel is not None:  # (the C kernel is the reference itself)
-                from . import kernel as kernel_mod
+                from . import selfcheck
 
                 step = "running the kernel self-check"
-                self.check = kernel_mod.self_check(device, kernel=self.runner.kernel)
+                self.check = selfcheck.self_check(device, kernel=self.runner.kernel)
         except Exception as e:  # noqa: BLE001 - any failure of the device is reported the same way
             if not (gpu or check):
                 raise
