@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 
 from ..errors import ExpoError
 from . import jsonsafe
 from .dtypes import itemsize, known
+from .reader import LocalReader, Reader
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -46,26 +46,21 @@ class FileHeader:
     tensors: dict[str, TensorEntry]
 
 
-def read_header(path: str) -> FileHeader:
-    """Read and validate a safetensors header without touching the tensor data."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise ExpoError(f"{path}: file not found")
-    except OSError as e:
-        raise ExpoError(f"{path}: cannot open ({e.strerror})")
-    try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise ExpoError(f"{path}: not a safetensors file (shorter than 8 bytes); re-download or regenerate it")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise ExpoError(f"{path}: header length {n} goes beyond the file's {size} bytes (truncated or not safetensors)")
-        raw = os.pread(fd, n, 8)
-    finally:
-        os.close(fd)
-    return parse_header(path, raw, size)
+def read_header(source: str | Reader) -> FileHeader:
+    """Read and validate a safetensors header without touching the tensor data: of a local file (a path), or
+    through any Reader (a Hub file by range requests)."""
+    if isinstance(source, str):
+        with LocalReader(source) as r:
+            return read_header(r)
+    r = source
+    head = r.read(0, 8)
+    if len(head) < 8:
+        raise ExpoError(f"{r.display}: not a safetensors file (shorter than 8 bytes); re-download or regenerate it")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > r.size:
+        raise ExpoError(f"{r.display}: header length {n} goes beyond the file's {r.size} bytes (truncated or not "
+                        "safetensors)")
+    return parse_header(r.display, r.read(8, n), r.size)
 
 
 MAX_INT = 1 << 63  # every size, offset and shape entry fits an int64, as in torch and safetensors

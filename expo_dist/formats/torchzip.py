@@ -21,15 +21,14 @@ from __future__ import annotations
 import errno
 import io
 import lzma
-import os
 import struct
 import zipfile
 import zlib
-from typing import Protocol
 
 from ..errors import ExpoError
 from .dtypes import itemsize
 from .jsonsafe import one_line, shown
+from .reader import LocalReader, Reader
 from .safetensors import FileHeader, TensorEntry, nbytes_of
 from .unpickle import SafeUnpickler, unpickle_state_dict
 
@@ -39,49 +38,6 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save before 1.6 (_use_new_zipfile
 # unsupported or corrupt compression, CRC mismatch, sizes beyond the file)
 ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
               NotImplementedError, zlib.error, lzma.LZMAError, OverflowError, IndexError)
-
-class Reader(Protocol):
-    """Positional reads of one file, local or remote."""
-
-    display: str  # how errors name the file
-    size: int
-
-    def read(self, offset: int, n: int) -> bytes: ...
-
-
-class LocalReader:
-    def __init__(self, path: str, display: str | None = None):
-        self.path, self.display = path, display or path
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ExpoError(f"{self.display}: file not found") from None
-        except OSError as e:
-            raise ExpoError(f"{self.display}: cannot open ({e.strerror})") from None
-        self.size = os.fstat(self.fd).st_size
-
-    def read(self, offset: int, n: int) -> bytes:
-        if offset < 0 or offset >= self.size:  # a crafted zip can point anywhere, even below 0 or past 2^63
-            return b""
-        n = min(n, self.size - offset)
-        out = bytearray()
-        while len(out) < n:
-            chunk = os.pread(self.fd, n - len(out), offset + len(out))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class _FileLike(io.RawIOBase):

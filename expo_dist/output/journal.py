@@ -10,6 +10,8 @@ import json
 import os
 import zlib
 
+from ..errors import ExpoError
+from ..formats.reader import LocalReader
 from ..planning.plan import Plan
 from ..runtime.fileio import atomic_write
 
@@ -97,20 +99,19 @@ def _intact(path: str, layout) -> bool:
 
 
 def _crc_of(path: str, begin: int, end: int) -> int | None:
+    """CRC-32 of bytes [begin, end) of a staged file; None where the file is missing or too short."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        r = LocalReader(path)
+    except ExpoError:
         return None
-    try:
-        if os.fstat(fd).st_size < end:
+    with r:
+        if r.size < end:
             return None
         crc, pos = 0, begin
         while pos < end:
-            data = os.pread(fd, min(CHUNK, end - pos), pos)
+            data = r.read(pos, min(CHUNK, end - pos))
             if not data:
                 return None
             crc = zlib.crc32(data, crc)
             pos += len(data)
         return crc
-    finally:
-        os.close(fd)

@@ -12,7 +12,7 @@ _EXPORTS = {
     "Kernel": "kernel", "round_f64_to": "kernel",
     "KernelCheckFailed": "selfcheck", "self_check": "selfcheck",
     "FileHasher": "hashing",
-    "atomic_write": "fileio", "io_mode": "fileio", "pread_into": "fileio", "pwrite_all": "fileio",
+    "atomic_write": "fileio", "io_mode": "fileio", "pwrite_all": "fileio",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,5 +1,5 @@
-"""Positional reads and writes of whole byte ranges, with the errors a user can act on, direct I/O, and atomic
-writes of small files (the one place for them).
+"""Positional writes of whole byte ranges with the errors a user can act on, direct I/O, the page cache, and
+atomic writes of small files (the one place for them). Positional reads: formats.reader.pread_into.
 
 Direct I/O (O_DIRECT) moves data between the disk and our buffers without the page cache. It needs the file
 offset, the length and the buffer address to be multiples of the block size (ALIGN covers every common
@@ -129,21 +129,6 @@ def open_direct(path: str, flags: int) -> int | None:
         if e.errno == errno.EINVAL:
             return None
         raise
-
-
-def pread_into(fd: int, view: memoryview, offset: int, path: str, error: type[ExpoError] = MergeFailed,
-               need: int | None = None) -> None:
-    """Fill view from the file at offset; a file that ends first is an error naming it. With need: the file
-    may end after the first `need` bytes (a direct read of whole blocks past the end of the file)."""
-    need = len(view) if need is None else need
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        done += n
-        if done >= need and (n == 0 or done < len(view)):
-            return  # the file ends here, after everything needed
-        if n == 0:
-            raise error(f"{path}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:

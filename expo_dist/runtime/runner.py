@@ -27,11 +27,12 @@ import numpy as np
 
 from ..errors import MergeFailed
 from ..formats.dtypes import itemsize
+from ..formats.reader import pread_into
 from ..planning.plan import COPY, EXTRAPOLATE, Task
 from ..planning.windows import ALIGN, CHUNK_BYTES, SLOTS, Run, Window, align_down, align_up, windows
 from ..sources.fetch import local_path
 from . import ckernel
-from .fileio import aligned_empty, direct_ok, io_mode, open_direct, pread_into, pwrite_all, resident_prefix
+from .fileio import aligned_empty, direct_ok, io_mode, open_direct, pwrite_all, resident_prefix
 
 WRITEBACK_LAG = 4  # windows: wait for the writeback of the range written this many windows ago
 DIRECT_MIN = 256 << 10  # bytes: shorter reads go through the page cache (neighbouring small tensors)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ExpoError
 from ..formats import jsonsafe
 from ..formats.folder import BIN_INDEX, BIN_SINGLE, INDEX, SINGLE
-from ..formats.safetensors import MAX_HEADER, FileHeader, TensorEntry, bad_name, parse_header, read_header
+from ..formats.safetensors import FileHeader, TensorEntry, bad_name, read_header
 from ..formats.torchzip import read_bin_header
 from .refs import Resolved, resolve
 
@@ -76,21 +75,11 @@ def _load_weight_map(index_path: str, kind: str, where: str) -> dict:
 
 def _st_header(src: Resolved, name: str) -> FileHeader:
     """A safetensors header, from the local file (folder or HF cache) or by range requests; no tensor data."""
-    if not src.is_hub:
-        return read_header(src.ref(name))
     r = src.reader(name)
     try:
-        head = r.read(0, 8)
-        if len(head) < 8:
-            raise ExpoError(f"{r.display}: not a safetensors file (shorter than 8 bytes); re-download it")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > r.size:
-            raise ExpoError(f"{r.display}: header length {n} goes beyond the file's {r.size} bytes "
-                            "(truncated or not safetensors)")
-        raw = r.read(8, n)
+        return read_header(r)
     finally:
         r.close()
-    return parse_header(r.display, raw, r.size)
 
 
 def _bin_header(src: Resolved, name: str) -> FileHeader:

@@ -18,6 +18,7 @@ from typing import Callable
 
 from ..errors import ExpoError
 from ..formats.folder import INDEX, MANIFEST, WORK
+from ..formats.reader import LocalReader, pread_into
 from ..planning.plan import natural_key
 from ..planning.rules import parse_alpha, parse_rules, show_value
 from ..sources.index import ModelIndex, index_model
@@ -30,13 +31,9 @@ MAX_JSON = 256 << 20  # an index or manifest: kilobytes to a few megabytes
 
 def _sha256(path: str) -> tuple[str, int]:
     h, n = hashlib.sha256(), 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        while True:
-            k = f.readinto(view)
-            if not k:
-                break
+    view = memoryview(bytearray(HASH_CHUNK))
+    with LocalReader(path) as r:
+        while k := pread_into(r.fd, view, n, path, ExpoError, need=0):
             h.update(view[:k])
             n += k
     return h.hexdigest(), n

@@ -14,12 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ExpoError
 from ..formats.dtypes import is_float, itemsize, torch_dtype
 from ..formats.folder import side_files
+from ..formats.reader import LocalReader
 from ..planning.plan import COPY, EXTRAPOLATE, Segment, make_plan, natural_key, tensor_sources
 from ..planning.rules import Rule, alphas_for
-from ..runtime.fileio import pread_into
 from ..sources.fetch import local_path  # a Hub input's weight file is named by an hf:// ref: its file in this cache
 from ..sources.index import ModelIndex, index_model
 from .verdict import Report
@@ -30,23 +29,23 @@ DEFAULT_SAMPLE = 8
 
 
 class _Files:
-    """Positional reads through a few cached descriptors."""
+    """The input and output files, each open once for positional reads (formats.reader.LocalReader)."""
 
     def __init__(self):
-        self.fds: dict[str, int] = {}
+        self.readers: dict[str, LocalReader] = {}
 
     def pread(self, path: str, offset: int, n: int) -> bytearray:
-        fd = self.fds.get(path)
-        if fd is None:
-            fd = self.fds[path] = os.open(local_path(path), os.O_RDONLY)
+        r = self.readers.get(path)
+        if r is None:
+            r = self.readers[path] = LocalReader(local_path(path), path)
         buf = bytearray(n)
-        pread_into(fd, memoryview(buf), offset, path, ExpoError)
+        r.read_into(memoryview(buf), offset)
         return buf
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        for r in self.readers.values():
+            r.close()
+        self.readers.clear()
 
 
 
