@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import ExpoError
 from . import jsonsafe
-from .dtypes import itemsize, known
+from .dtypes import ST_ORDER, itemsize, known
 from .reader import LocalReader, Reader
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -143,14 +143,11 @@ class Layout:
     size: int
 
 
-# safetensors sorts by its Dtype enum, descending, then by name; item sizes never grow along this order
-_ST_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
-             "I8", "U8", "BOOL")
 
 
 def alignment_order(items: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:
     """The order safetensors itself writes: larger dtype first (keeps every tensor aligned), then name."""
-    return sorted(items, key=lambda t: (_ST_ORDER.index(t[1]), t[0]))
+    return sorted(items, key=lambda t: (ST_ORDER.index(t[1]), t[0]))
 
 
 def layout(items: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> Layout:

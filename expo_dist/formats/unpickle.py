@@ -16,23 +16,9 @@ import pickle
 from dataclasses import dataclass
 
 from ..errors import ExpoError
-from .dtypes import itemsize, known
+from .dtypes import STORAGE_NAMES, TORCH_NAMES, itemsize, known
 from .jsonsafe import one_line, shown
 from .safetensors import MAX_INT, bad_name, valid_dims
-
-# storage classes torch pickles by name (typed storages) -> safetensors dtype
-STORAGE_DTYPES = {
-    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL",
-}
-# torch dtype globals (the dtype argument of _rebuild_tensor_v3) -> safetensors dtype
-TORCH_DTYPES = {
-    "float64": "F64", "double": "F64", "float32": "F32", "float": "F32", "float16": "F16", "half": "F16",
-    "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "int64": "I64", "long": "I64", "int32": "I32", "int": "I32", "int16": "I16", "short": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-}
 
 
 class Refused(Exception):
@@ -179,8 +165,9 @@ def fresh_globals() -> dict:
         ("torch._tensor", "_rebuild_from_type_v2"): _Call("_rebuild_from_type_v2", _rebuild_from_type_v2),
         ("torch", "Tensor"): tensor, ("torch._tensor", "Tensor"): tensor, ("torch.nn.parameter", "Parameter"): param,
         ("torch", "UntypedStorage"): untyped, ("torch.storage", "UntypedStorage"): untyped,
-        **{("torch", k): _StorageType(v, k) for k, v in STORAGE_DTYPES.items()},
-        **{("torch", k): _DType(v, k) for k, v in TORCH_DTYPES.items()},
+        # typed storages torch pickles by class name, and torch dtype globals (_rebuild_tensor_v3's dtype)
+        **{("torch", k): _StorageType(v, k) for k, v in STORAGE_NAMES.items()},
+        **{("torch", k): _DType(v, k) for k, v in TORCH_NAMES.items()},
     }
 
 

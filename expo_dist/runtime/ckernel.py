@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 
+from ..formats.dtypes import KERNEL_FLOATS
+
 try:
     from . import _ckernel
 except ImportError:  # pragma: no cover - depends on the install
     _ckernel = None
 
-CODES = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}  # the C kernel's dtype codes, by safetensors name
+CODES = {name: code for code, name in enumerate(KERNEL_FLOATS)}  # the C kernel's dtype codes: F64=0 F32=1 F16=2 BF16=3
 
 
 def available() -> bool:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from ..formats.dtypes import itemsize
+from ..formats.dtypes import DTYPES, KERNEL_FLOATS, itemsize
 from . import ckernel
 from .fileio import aligned_empty
 from .kernel import Kernel
@@ -42,8 +42,8 @@ def _hex(b: bytes) -> str:
 
 
 # name -> (bits, mantissa bits, numpy unsigned type of that width)
-_FMT = {"BF16": (16, 7, np.uint16), "F16": (16, 10, np.uint16), "F32": (32, 23, np.uint32),
-        "F64": (64, 52, np.uint64)}
+_FMT = {n: (DTYPES[n].itemsize * 8, DTYPES[n].mantissa, np.dtype(f"u{DTYPES[n].itemsize}").type)
+        for n in KERNEL_FLOATS}
 
 
 def _values(bits: np.ndarray, dtype: str) -> np.ndarray:

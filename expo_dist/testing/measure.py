@@ -14,6 +14,7 @@ import time
 
 import psutil
 
+from ..formats.dtypes import TORCH_NAMES, itemsize
 from ..formats.folder import MANIFEST
 from . import synth
 from .rss import GiB, TreeSampler
@@ -95,7 +96,7 @@ def nbytes(files: list[str]) -> int:
 
 
 def model_bytes(kw: dict, dtype: str) -> int:
-    item = synth.DTYPES[dtype][0].itemsize
+    item = itemsize(TORCH_NAMES[dtype])
     return sum(math.prod(s) for s in synth.llama_shapes(**kw).values()) * item
 
 

@@ -15,13 +15,10 @@ import sys
 
 import torch
 
-# name → (torch dtype, safetensors dtype); itemsize via torch
-DTYPES = {
-    "bfloat16": (torch.bfloat16, "BF16"),
-    "float16": (torch.float16, "F16"),
-    "float32": (torch.float32, "F32"),
-    "int64": (torch.int64, "I64"),
-}
+from ..formats.dtypes import TORCH_NAMES, itemsize, torch_dtype
+from ..formats.folder import INDEX, shard_name
+from ..formats.safetensors import alignment_order, layout
+
 CHUNK_ELEMS = 1 << 22  # 4 Mi elements per chunk: ≤ ~48 MiB of temporaries (two f32, two of the output dtype)
 BUFFER_NAME = "model.extra_buffer.position_ids"
 BUFFER_LEN = 64
@@ -95,31 +92,23 @@ def _shard(items: list[tuple[str, int]], limit) -> list[list[str]]:
 
 
 def _write_model_files(folder: pathlib.Path, specs: dict[str, tuple[str, tuple]], limit) -> dict:
-    """Lay out and pre-size this model's safetensors files; return name → (fd, absolute data offset)."""
-    nbytes = {n: math.prod(s) * DTYPES[d][0].itemsize for n, (d, s) in specs.items()}
+    """Lay out and pre-size this model's safetensors files (in safetensors' own order, formats.safetensors);
+    return name → (fd, absolute data offset)."""
+    nbytes = {n: math.prod(s) * itemsize(TORCH_NAMES[d]) for n, (d, s) in specs.items()}
     shards = _shard([(n, nbytes[n]) for n in specs], limit)
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     where, weight_map = {}, {}
-    for fname, names in zip(files, shards):
-        # safetensors' own order: dtype alignment descending, then name
-        order = sorted(names, key=lambda n: (-DTYPES[specs[n][0]][0].itemsize, n))
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for n in order:
-            header[n] = {"dtype": DTYPES[specs[n][0]][1], "shape": list(specs[n][1]),
-                         "data_offsets": [off, off + nbytes[n]]}
-            off += nbytes[n]
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+    for k, names in enumerate(shards):
+        fname = shard_name(k, len(shards))
+        lay = layout(alignment_order([(n, TORCH_NAMES[specs[n][0]], specs[n][1]) for n in names]))
         fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(fd, 8 + len(raw) + off)
-        for n in order:
-            where[n] = (fd, 8 + len(raw) + header[n]["data_offsets"][0])
+        os.pwrite(fd, lay.header, 0)
+        os.ftruncate(fd, lay.size)
+        for n, entry in lay.tensors.items():
+            where[n] = (fd, entry.begin)
             weight_map[n] = fname
-    if len(files) > 1:
+    if len(shards) > 1:
         index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return where
 
 
@@ -224,7 +213,7 @@ def make_pair(out_dir, *, hidden_size=64, intermediate_size=128, num_layers=2, n
     specs = []
     for folder, vocab in zip(dirs, (vocab_size, vocab_size + extra_vocab)):
         folder.mkdir(parents=True, exist_ok=True)
-        for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        for old in list(folder.glob("model*.safetensors")) + list(folder.glob(INDEX)):
             old.unlink()
         sp = {n: (dtype, s) for n, s in llama_shapes(vocab_size=vocab, **kw).items()}
         if nonfloat_buffer:
@@ -239,7 +228,7 @@ def make_pair(out_dir, *, hidden_size=64, intermediate_size=128, num_layers=2, n
                 for fd, off in (where_s[name], where_a[name]):
                     _pwrite(fd, buf, off)
             else:
-                _fill_pair(name, shape, DTYPES[dt][0], where_s[name], where_a[name], vocab_size, seed,
+                _fill_pair(name, shape, torch_dtype(TORCH_NAMES[dt]), where_s[name], where_a[name], vocab_size, seed,
                            delta_scale)
     finally:
         for fd in {fd for fd, _ in list(where_s.values()) + list(where_a.values())}:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..formats.dtypes import is_float, itemsize, torch_dtype
+from ..formats.dtypes import NUMPY_NAMES, is_float, itemsize, torch_dtype
 from ..formats.folder import side_files
 from ..formats.reader import LocalReader
 from ..planning.plan import COPY, EXTRAPOLATE, Segment, make_plan, natural_key, tensor_sources
@@ -177,11 +177,6 @@ def _check_segment(files: _Files, seg: Segment, out_file: str, out_begin: int, f
     return bad, where
 
 
-# numpy views of the dtypes numpy has (safetensors data is little endian)
-_NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-       "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "u1"}
-
-
 def _nan_mask(raw, dtype: str) -> np.ndarray:
     """NaN elements of raw little-endian data of a float dtype, from the bits (no torch dtype needed)."""
     if dtype == "BF16":
@@ -193,7 +188,7 @@ def _nan_mask(raw, dtype: str) -> np.ndarray:
     if dtype == "F8_E5M2":  # IEEE-like: exponent all ones, mantissa non-zero
         u = np.frombuffer(bytes(raw), dtype=np.uint8)
         return ((u & 0x7C) == 0x7C) & ((u & 0x03) != 0)
-    return np.isnan(np.frombuffer(bytes(raw), dtype=_NP[dtype]))
+    return np.isnan(np.frombuffer(bytes(raw), dtype=NUMPY_NAMES[dtype]))
 
 
 def _nonfinite_mask(raw, dtype: str) -> np.ndarray:
@@ -206,14 +201,14 @@ def _nonfinite_mask(raw, dtype: str) -> np.ndarray:
     if dtype == "F8_E5M2":
         u = np.frombuffer(bytes(raw), dtype=np.uint8)
         return (u & 0x7C) == 0x7C
-    return ~np.isfinite(np.frombuffer(bytes(raw), dtype=_NP[dtype]))
+    return ~np.isfinite(np.frombuffer(bytes(raw), dtype=NUMPY_NAMES[dtype]))
 
 
 def _value(raw_elem: np.ndarray, dtype: str) -> str:
     """One element for a problem line: its value where numpy can read the dtype, else its bytes in hex."""
     data = raw_elem.tobytes()
-    if dtype in _NP and dtype != "BOOL":
-        return repr(np.frombuffer(data, dtype=_NP[dtype])[0].item())
+    if dtype in NUMPY_NAMES and dtype != "BOOL":
+        return repr(np.frombuffer(data, dtype=NUMPY_NAMES[dtype])[0].item())
     if dtype == "BF16":
         return repr(float(np.frombuffer(b"\0\0" + data, dtype="<f4")[0]))
     return "0x" + data[::-1].hex()
