@@ -483,6 +483,24 @@ def test_plan_online_bin_repo_reads_no_tensor_data(hub, big, tmp_path):
         assert served <= 100_000 + 64 * 1024 + 4096 * len(tensors), (b.name, served)
 
 
+def test_plan_online_retries_a_header_read_the_hub_answers_with_5xx(hub, big, tmp_path):
+    """Header range requests follow the same retry policy as downloads (hub.attempts), through huggingface_hub's
+    own http_backoff: a 503 and a 502 cost two waits, not the plan."""
+    (sft, _), _ = big
+    name = weight_names(sft)[2]
+    hub.reset_stats()
+    hub.fail_next(name, 503, 502)
+    try:
+        r = run_cli(["plan", "--sft", SFT, "--aligned", DPO, "--alpha", ALPHA, "--json"],
+                    clean_env(HF_ENDPOINT=hub.url, HF_HOME=tmp_path / "home", EXPO_HUB_ATTEMPTS="3"))
+    finally:
+        left = hub.failures.pop(("GET", name), [])
+    assert r.returncode == 0, r.stderr
+    assert not left and json.loads(r.stdout)["tasks"] > 0
+    tries = [x for x in hub.log if x[0] == "GET" and x[1].endswith("/" + name)]
+    assert len(tries) == 3, tries
+
+
 @pytest.mark.parametrize("case", ["unknown-repo", "unknown-revision", "gated-no-token", "gated-bad-token",
                                   "gated-with-token", "unreachable"])
 def test_online_errors(hub, tmp_path, case):
@@ -543,9 +561,9 @@ def test_local_path_fetches_once_per_node_cache(hub, big, tmp_path):
 
 _FETCH_ONE = textwrap.dedent("""
     import json, sys, time
-    from expo_dist.sources import fetch
+    from expo_dist.sources import fetch, hub
     from expo_dist.errors import ExpoError
-    fetch.BACKOFF_S = 0.05  # the schedule, not its length, is under test
+    hub.BACKOFF_S = 0.05  # the schedule, not its length, is under test
     t0 = time.monotonic()
     try:
         p = fetch.local_path(sys.argv[1])

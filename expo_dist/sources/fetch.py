@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from .hub import hub_error, hub_exceptions, transient
+from .hub import ATTEMPTS_ENV, retry_transient
 from .refs import is_ref, parse_ref
 
 log = logging.getLogger("expo_dist")
@@ -17,14 +17,7 @@ log = logging.getLogger("expo_dist")
 FORWARD_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_ETAG_TIMEOUT",
                "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_PROGRESS_BARS",
                "HF_HUB_DISABLE_SYMLINKS", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_USER_AGENT_ORIGIN",
-               "EXPO_HUB_ATTEMPTS")
-
-# A download that fails for a reason that may pass (see hub.transient) is tried again after 1, 2, 4, ... s, up to
-# EXPO_HUB_ATTEMPTS tries in all (default 6: about a minute of waiting), before the task fails with the Hub's error.
-# The task itself is then retried by the driver like any other failed task.
-ATTEMPTS_ENV = "EXPO_HUB_ATTEMPTS"
-BACKOFF_S = 1.0
-BACKOFF_MAX_S = 30.0
+               ATTEMPTS_ENV)
 
 _LOCK = threading.Lock()
 _PATHS: dict[tuple[str, str | None], str] = {}
@@ -65,26 +58,10 @@ def local_path(ref: str, cache_dir: str | None = None) -> str:
 
 
 def _download(hf_hub_download, repo: str, commit: str, filename: str, cache_dir: str | None) -> tuple[str, int]:
-    """hf_hub_download, tried again with backoff while the failure is transient. Returns (path, tries)."""
-    try:
-        limit = max(1, int(os.environ.get(ATTEMPTS_ENV, "6")))
-    except ValueError:
-        limit = 6
-    delay, attempt = BACKOFF_S, 1
-    while True:
-        try:
-            return hf_hub_download(repo, filename, revision=commit, cache_dir=cache_dir), attempt
-        except hub_exceptions() as e:
-            if attempt == limit or not transient(e):
-                err = hub_error(e, repo, commit, filename)
-                if attempt > 1:
-                    err = type(err)(f"{err} (after {attempt} tries)")
-                raise err from None
-            log.warning("%s/%s: %s; trying again in %.0f s (%d of %d)", repo, filename,
-                        str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__, delay,
-                        attempt + 1, limit)
-        time.sleep(delay)
-        delay, attempt = min(delay * 2, BACKOFF_MAX_S), attempt + 1
+    """hf_hub_download, tried again with backoff while the failure is transient (huggingface_hub itself does not
+    retry a download the Hub answers with 5xx). Returns (path, tries)."""
+    return retry_transient(lambda: hf_hub_download(repo, filename, revision=commit, cache_dir=cache_dir),
+                           repo, commit, filename)
 
 
 def fetched(reset: bool = False) -> list[dict]:

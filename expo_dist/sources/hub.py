@@ -5,13 +5,16 @@ functions, so HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE b
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ExpoError
 from ..formats.jsonsafe import one_line
 
+log = logging.getLogger("expo_dist")
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
 FIRST_RANGE = 100_000  # first range request of a remote header: as huggingface_hub's own safetensors parser
 BLOCK = 64 << 10  # the tail of a zip (end records, central directory) is fetched in one request of this size
@@ -86,6 +89,43 @@ def hub_exceptions() -> tuple:
 
 
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+
+# The one retry policy for the Hub: a request that fails for a reason that may pass (see transient) is tried again
+# after 1, 2, 4, ... s (at most BACKOFF_MAX_S apart), up to EXPO_HUB_ATTEMPTS tries in all (default 6: about a
+# minute of waiting), before it fails with the Hub's error. Range requests go through huggingface_hub's own
+# http_backoff with this policy; downloads (hf_hub_download, which does not retry 5xx) through retry_transient.
+ATTEMPTS_ENV = "EXPO_HUB_ATTEMPTS"
+BACKOFF_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+def attempts() -> int:
+    """Tries of one Hub request: EXPO_HUB_ATTEMPTS (read at each call), default 6."""
+    try:
+        return max(1, int(os.environ.get(ATTEMPTS_ENV, "6")))
+    except ValueError:
+        return 6
+
+
+def retry_transient(call, repo: str, revision: str | None, what: str):
+    """call(), tried again with backoff while the Hub's failure is transient. Returns (its result, tries); raises
+    the Hub's error as one ExpoError line, saying how many tries it took when there were several."""
+    limit = attempts()
+    delay, attempt = BACKOFF_S, 1
+    while True:
+        try:
+            return call(), attempt
+        except hub_exceptions() as e:
+            if attempt == limit or not transient(e):
+                err = hub_error(e, repo, revision, what)
+                if attempt > 1:
+                    err = type(err)(f"{err} (after {attempt} tries)")
+                raise err from None
+            log.warning("%s/%s: %s; trying again in %.0f s (%d of %d)", repo, what,
+                        str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__, delay,
+                        attempt + 1, limit)
+        time.sleep(delay)
+        delay, attempt = min(delay * 2, BACKOFF_MAX_S), attempt + 1
 
 
 def transient(e: Exception) -> bool:
@@ -188,10 +228,12 @@ class HubReader:
 
     def _get(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file (fewer at its end)."""
-        from huggingface_hub.utils import get_session, hf_raise_for_status
+        from huggingface_hub.utils import hf_raise_for_status, http_backoff
 
-        try:
-            r = get_session().get(self.url, headers={**self.headers, "Range": f"bytes={start}-{max(start, end - 1)}"})
+        try:  # transient failures tried again (the retry policy above), by huggingface_hub's own backoff
+            r = http_backoff("GET", self.url, headers={**self.headers, "Range": f"bytes={start}-{max(start, end - 1)}"},
+                             max_retries=attempts() - 1, base_wait_time=BACKOFF_S, max_wait_time=BACKOFF_MAX_S,
+                             retry_on_status_codes=TRANSIENT_STATUS)
             hf_raise_for_status(r)
         except hub_exceptions() as e:
             raise hub_error(e, self.repo_id, self.commit, self.filename) from None
