@@ -12,6 +12,7 @@ import os
 from ._version import __version__
 from .errors import MergeFailed
 from .formats.folder import side_files
+from .output.manifest import RunInfo
 from .output.writer import LocalWriter, OutputWriter
 from .planning.plan import Plan, make_plan, tensor_sources
 from .planning.rules import alphas_for, unused
@@ -77,14 +78,14 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
         log.warning("%s", w)
     writer = prepare_output(spec, plan, aligned.root)
     try:
-        return _run(spec, plan, writer, progress)
+        return _run(spec, plan, writer, progress, {"sft": sft.origin, "aligned": aligned.origin})
     except OSError as e:  # the output disk filled up or went read-only under us
         raise MergeFailed(writer.error_line(e)) from None
     finally:
         writer.release()
 
 
-def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool) -> dict:
+def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool, inputs: dict[str, dict]) -> dict:
     outs = spec.out_dirs()
     done = writer.done_tasks()
     if done:
@@ -114,24 +115,15 @@ def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool) -> d
     elif stats.nonfinite_out:  # the workers did not count the inputs
         log.warning("%d output elements are NaN or Inf (NaN/Inf in the inputs, or alpha too large for the "
                     "dtype's range?)", stats.nonfinite_out)
-    infos = [{
-        "sft": spec.sft,
-        "aligned": spec.aligned,
-        "alpha": alpha,
-        "alpha_rules": [r.describe() for r in spec.rules()],
-        "sweep": list(spec.alphas) if spec.sweep else None,
-        "settings": {"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": spec.io,
-                     "device": spec.device},
-        "tasks": len(plan.tasks),
-        "tasks_resumed": len(done),
-        "task_attempts": stats.attempts,
-        "workers": stats.workers,
-        "nonfloat_differs": sorted(stats.differs),
-        "nonfinite_out": stats.nonfinite_out,
-        "nonfinite_in": stats.nonfinite_in,
-        "bytes_read": plan.bytes_read - sum(t.in_bytes for t in plan.tasks if t.id in done),
-        "merge_seconds": round(stats.seconds, 3),
-    } for alpha in spec.alphas]
+    infos = [RunInfo(
+        sft=spec.sft, aligned=spec.aligned, alpha=alpha, alpha_rules=[r.describe() for r in spec.rules()],
+        inputs=inputs, sweep=list(spec.alphas) if spec.sweep else None,
+        settings={"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": spec.io,
+                  "device": spec.device},
+        tasks=len(plan.tasks), tasks_resumed=len(done), task_attempts=stats.attempts, workers=stats.workers,
+        nonfloat_differs=sorted(stats.differs), nonfinite_out=stats.nonfinite_out, nonfinite_in=stats.nonfinite_in,
+        bytes_read=plan.bytes_read - sum(t.in_bytes for t in plan.tasks if t.id in done),
+        merge_seconds=round(stats.seconds, 3)) for alpha in spec.alphas]
     manifests = writer.commit(infos, stats.sealed)
     if spec.sweep:
         return {**manifests[0], "outputs": {f"{a:g}": o for a, o in zip(spec.alphas, outs)}}

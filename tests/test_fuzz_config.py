@@ -213,6 +213,7 @@ def merge_without_ray(spec) -> dict:
     a real output folder in a fraction of a second."""
     from expo_dist.runtime.runner import Runner
     from expo_dist.output.finalize import create_shards, finish, work_dir
+    from expo_dist.output.manifest import RunInfo
     from expo_dist.merge import build_plan
 
     spec.validate()
@@ -230,8 +231,7 @@ def merge_without_ray(spec) -> dict:
         with open(os.path.join(wdir, shard.file), "rb") as f:
             data = f.read()
         sealed[shard.file] = {"file": shard.file, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    info = {"sft": spec.sft, "aligned": spec.aligned, "alpha": spec.alpha,
-            "alpha_rules": [r.describe() for r in spec.rules()]}
+    info = RunInfo(spec.sft, spec.aligned, spec.alpha, alpha_rules=[r.describe() for r in spec.rules()])
     return finish(spec.out, plan, aligned.root, info, sealed)
 
 

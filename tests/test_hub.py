@@ -377,6 +377,9 @@ def test_merge_repo_ids_offline_with_hf_home(world, tmp_path):
     assert names == {(SFT, n) for n in weight_names(w["p1"][0])} | {(DPO, n) for n in weight_names(w["p1"][1])}
     assert not any(x["downloaded"] for x in recs)  # all in the cache already
     assert all(sources.parse_ref(x["ref"])[1] in (w["sft_commit"], w["v1"]) for x in recs)
+    # the manifest names the commit each revision was pinned to
+    assert m["inputs"] == {"sft": {"repo_id": SFT, "revision": "main", "commit": w["sft_commit"]},
+                           "aligned": {"repo_id": DPO, "revision": w["v1"], "commit": w["v1"]}}, m["inputs"]
     import yaml
 
     card = (out / "README.md").read_text()

@@ -12,13 +12,13 @@ import logging
 import os
 import shutil
 import stat
-import time
 
 from .._version import __version__
 from ..errors import ExpoError
 from ..formats.folder import CARD, INDEX, MANIFEST, WORK, side_file_source, side_files
 from ..planning.plan import Plan
 from ..runtime.fileio import atomic_file, atomic_write, fsync_dir
+from .manifest import Manifest, RunInfo
 
 log = logging.getLogger("expo_dist")
 
@@ -87,9 +87,9 @@ def _card_id(source: str) -> str:
     return json.dumps(spec.repo_id if spec is not None and spec.repo_id else str(source))
 
 
-def model_card(spec_info: dict) -> str:
-    sft, aligned, alpha = spec_info["sft"], spec_info["aligned"], spec_info["alpha"]
-    rules = spec_info.get("alpha_rules") or []
+def model_card(info: RunInfo) -> str:
+    sft, aligned, alpha = info.sft, info.aligned, info.alpha
+    rules = info.alpha_rules or []
     rule_lines = "".join(f"  - `{r.get('match') or r.get('regex')}` ({'glob' if 'match' in r else 'regex'}): "
                          + (f"alpha {r['alpha']}" if "alpha" in r else f"alpha x {r['scale']}") + "\n"
                          for r in rules)
@@ -123,7 +123,7 @@ weight file.
 """
 
 
-def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str, dict], variant: int = 0) -> dict:
+def finish(out: str, plan: Plan, aligned_root: str, info: RunInfo, sealed: dict[str, dict], variant: int = 0) -> dict:
     """Copy side files, write card and manifest, move shards into place, write the index last.
 
     variant: which alpha of a sweep this folder holds (per-tensor alphas in the manifest)."""
@@ -136,20 +136,11 @@ def finish(out: str, plan: Plan, aligned_root: str, info: dict, sealed: dict[str
     for name in side:
         copy_side_file(aligned_root, name, os.path.join(out, name))
     atomic_write(os.path.join(out, CARD), model_card(info).encode())
-    manifest = {
-        "tool": "expo_dist",
-        "version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "formula": "theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft), float64, rounded once",
-        **info,
-        "total_size": plan.total_size,
-        "files": {s.file: sealed[s.file] for s in plan.shards},
-        "tensors": {k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape),
-                        "alpha": d.alphas[variant] if d.alphas else None}
-                    for k, d in plan.decisions.items()},
-        "warnings": plan.warnings + skipped,
-        "written": output_names(plan, side),
-    }
+    manifest = Manifest(
+        info, total_size=plan.total_size, files={s.file: sealed[s.file] for s in plan.shards},
+        tensors={k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "alpha": d.alphas[variant] if d.alphas
+                     else None} for k, d in plan.decisions.items()},
+        warnings=plan.warnings + skipped, written=output_names(plan, side)).to_json()
     atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
     sharded = len(plan.shards) > 1
     for shard in plan.shards:

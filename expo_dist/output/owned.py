@@ -18,6 +18,7 @@ from ..formats.folder import CARD, INDEX, MANIFEST, SHARD, WORK
 from ..runtime.fileio import atomic_write
 from .journal import JOURNAL, PLAN
 from .lock import LEASE, NAME as LOCK
+from .manifest import TOOL
 
 OWNED = "owned.json"
 LOCK_FILES = (LOCK, LEASE)  # the run's own lock: kept while it clears the rest
@@ -50,7 +51,7 @@ def _own_names(d: str) -> set[str]:
     if isinstance(doc, dict) and isinstance(doc.get("names"), list):
         names.update(n for n in doc["names"] if plain_name(n))
     man = _json(os.path.join(d, MANIFEST))
-    if isinstance(man, dict) and man.get("tool") == "expo_dist":
+    if isinstance(man, dict) and man.get("tool") == TOOL:
         written = man.get("written")
         if isinstance(written, list):
             names.update(n for n in written if plain_name(n))
@@ -65,7 +66,7 @@ def _own_names(d: str) -> set[str]:
 def is_output(d: str) -> bool:
     """A folder an expo_dist run wrote (finished: its manifest; unfinished: its work folder's records)."""
     man = _json(os.path.join(d, MANIFEST))
-    return (isinstance(man, dict) and man.get("tool") == "expo_dist") or os.path.isfile(os.path.join(d, WORK, OWNED)) \
+    return (isinstance(man, dict) and man.get("tool") == TOOL) or os.path.isfile(os.path.join(d, WORK, OWNED)) \
         or os.path.isfile(os.path.join(d, WORK, PLAN))
 
 

@@ -32,6 +32,7 @@ from ..planning.plan import Plan
 from .finalize import check_out_dir, create_shards, finish, output_names, work_dir
 from .journal import Journal
 from .lock import OutputLock
+from .manifest import RunInfo
 from .owned import clear_owned, record_names
 
 log = logging.getLogger("expo_dist")
@@ -55,7 +56,7 @@ class OutputWriter(Protocol):
 
     def close_journal(self) -> None: ...
 
-    def commit(self, infos: list[dict], sealed: dict[int, dict[str, dict]]) -> list[dict]: ...
+    def commit(self, infos: list[RunInfo], sealed: dict[int, dict[str, dict]]) -> list[dict]: ...
 
     def release(self) -> None: ...
 
@@ -162,7 +163,7 @@ class LocalWriter:
     def close_journal(self) -> None:
         self.journal.close()
 
-    def commit(self, infos: list[dict], sealed: dict[int, dict[str, dict]]) -> list[dict]:
+    def commit(self, infos: list[RunInfo], sealed: dict[int, dict[str, dict]]) -> list[dict]:
         """Finish every output folder (finalize.finish: the index last); a sweep's own work folder goes last."""
         manifests = [finish(out, self.plan, self.aligned_root, info, sealed.get(k, {}), variant=k)
                      for k, (out, info) in enumerate(zip(self.out_dirs, infos))]
