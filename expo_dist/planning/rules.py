@@ -77,15 +77,12 @@ def parse_rules(raw, label: str = "alpha_rules") -> list[Rule]:
                 re.compile(pattern)
             except (re.error, RecursionError, OverflowError) as e:
                 raise ExpoError(f"{where}: bad regex {pattern[:60]!r} ({str(e)[:80]})") from None
-        value = item[vkey]
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ExpoError(f"{where}: {vkey} must be a number, got {kind_of(value)}")
         try:
-            value = float(value.strip() if isinstance(value, str) else value)
+            value = as_number(item[vkey])
+        except TypeError:
+            raise ExpoError(f"{where}: {vkey} must be a number, got {kind_of(item[vkey])}") from None
         except ValueError:
             raise ExpoError(f"{where}: {vkey} must be a number, got {item[vkey][:40]!r}") from None
-        except OverflowError:
-            value = math.inf
         if not math.isfinite(value):
             raise ExpoError(f"{where}: {vkey} must be a finite number")
         rules.append(Rule(kind, pattern, value if vkey == "alpha" else None, value if vkey == "scale" else None))
@@ -141,16 +138,23 @@ def show_value(value) -> str:
     return f"{text} ({kind_of(value)})"
 
 
+def as_number(value) -> float:
+    """An int or float (never a boolean), or a string that reads as one (the CLI gives strings), as a float; inf
+    where it is too large for one. TypeError for anything else, ValueError for a string that is no number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(type(value).__name__)
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:
+        return math.inf
+
+
 def check_number(label: str, value) -> float:
     """A finite number: an int or float (never a boolean), or a string that reads as one (the CLI gives strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ExpoError(f"{label} must be a number, got {show_value(value)}")
     try:
-        a = float(value.strip() if isinstance(value, str) else value)
-    except ValueError:
+        a = as_number(value)
+    except (TypeError, ValueError):
         raise ExpoError(f"{label} must be a number, got {show_value(value)}") from None
-    except OverflowError:
-        raise ExpoError(f"{label} must be a finite number, got {show_value(value)}") from None
     if not math.isfinite(a):
         raise ExpoError(f"{label} must be a finite number, got {show_value(value)}")
     return a

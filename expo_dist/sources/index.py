@@ -73,19 +73,12 @@ def _load_weight_map(index_path: str, kind: str, where: str) -> dict:
     raise ExpoError(f"{what} ({got}; it needs a weight_map of tensor name -> file name)")
 
 
-def _st_header(src: Resolved, name: str) -> FileHeader:
-    """A safetensors header, from the local file (folder or HF cache) or by range requests; no tensor data."""
+def _header(src: Resolved, name: str, kind: str) -> FileHeader:
+    """A weight file's header (safetensors, or a .bin's zip directory and pickle), from the local file (folder or
+    HF cache) or by range requests; no tensor data."""
     r = src.reader(name)
     try:
-        return read_header(r)
-    finally:
-        r.close()
-
-
-def _bin_header(src: Resolved, name: str) -> FileHeader:
-    r = src.reader(name)
-    try:
-        return read_bin_header(r)
+        return read_header(r) if kind == "safetensors" else read_bin_header(r)
     finally:
         r.close()
 
@@ -121,12 +114,11 @@ def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
 
     tensors: dict[str, TensorRef] = {}
     headers = {}
-    read = _st_header if kind == "safetensors" else _bin_header
     if src.is_hub and len(files) > 1:  # remote headers: a few range requests at a time
         with ThreadPoolExecutor(8) as pool:
-            found = list(pool.map(lambda name: read(src, name), files))
+            found = list(pool.map(lambda name: _header(src, name, kind), files))
     else:
-        found = [read(src, name) for name in files]
+        found = [_header(src, name, kind) for name in files]
     for name, h in zip(files, found):
         path = src.ref(name)
         headers[path] = h
