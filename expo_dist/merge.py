@@ -10,7 +10,7 @@ import logging
 import os
 
 from ._version import __version__
-from .errors import MergeFailed
+from .errors import MergeFailed, check_terminated
 from .formats.folder import side_files
 from .output.manifest import RunInfo
 from .output.writer import LocalWriter, OutputWriter
@@ -76,6 +76,7 @@ def run(spec: MergeSpec, progress: bool = True) -> dict:
     plan, sft, aligned = build_plan(spec)
     for w in plan.warnings:
         log.warning("%s", w)
+    check_terminated()
     writer = prepare_output(spec, plan, aligned.root)
     try:
         return _run(spec, plan, writer, progress, {"sft": sft.origin, "aligned": aligned.origin})
@@ -93,8 +94,10 @@ def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool, inpu
                     len(done), len(plan.tasks), len(plan.tasks) - len(done))
     writer.check_space()
     writer.stage(done)
+    check_terminated()
     started = connect(spec.address)
     try:
+        check_terminated()
         sched = Scheduler(plan, writer.targets, spec.workers, spec.max_attempts, skip=done, on_done=writer.record,
                           cache_dir=spec.cache_dir, io=spec.io, device=spec.device)
         left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
@@ -124,6 +127,7 @@ def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool, inpu
         nonfloat_differs=sorted(stats.differs), nonfinite_out=stats.nonfinite_out, nonfinite_in=stats.nonfinite_in,
         bytes_read=plan.bytes_read - sum(t.in_bytes for t in plan.tasks if t.id in done),
         merge_seconds=round(stats.seconds, 3)) for alpha in spec.alphas]
+    check_terminated()
     manifests = writer.commit(infos, stats.sealed)
     if spec.sweep:
         return {**manifests[0], "outputs": {f"{a:g}": o for a, o in zip(spec.alphas, outs)}}

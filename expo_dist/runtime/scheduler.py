@@ -10,7 +10,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import ExpoError, MergeFailed
+from ..errors import ExpoError, MergeFailed, check_terminated
 from ..planning.plan import Plan, Task
 from ..sources.refs import is_ref
 from .session import Progress
@@ -18,6 +18,7 @@ from .session import Progress
 log = logging.getLogger("expo_dist")
 IN_FLIGHT = 2  # tasks queued per actor: one runs while the next waits
 HASH_STEP = 256 << 20  # bytes: how often a file's hasher is told that more of it is final
+POLL = 1.0  # seconds: the longest wait for a worker before looking at the SIGTERM flag again
 START_TIMEOUT = 300.0  # seconds to wait for a replacement worker when no worker is left
 
 
@@ -205,7 +206,9 @@ class Scheduler:
 
         for f in self.frontier:  # a resumed merge: hash what is already done
             self._advance_hash(f, pending, None)
+        idle_since = time.monotonic()
         while True:
+            check_terminated()
             for a in list(self.actors):
                 feed(a)
             busy = any(v[0] != "start" for v in pending.values())
@@ -213,8 +216,12 @@ class Scheduler:
                 return
             if not self.actors and not self.starting:
                 self._replace(pending)
-            # with no live worker, wait for a replacement only so long
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if self.actors else START_TIMEOUT)
+            # with no live worker, wait for a replacement only so long; wake up now and then to see the SIGTERM flag
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL)
+            if ready or self.actors:
+                idle_since = time.monotonic()
+            if not ready and time.monotonic() - idle_since < START_TIMEOUT:
+                continue
             if not ready:
                 raise MergeFailed(f"no worker left and none could be started in {START_TIMEOUT:.0f}s (has the "
                                   "cluster lost its nodes?); rerun the same command to resume")
