@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from ._version import __version__
 from .errors import TERMINATED, ExpoError, Terminated

@@ -233,7 +233,7 @@ class MergeSpec:
     def rules(self):
         return parse_rules(self.alpha_rules)
 
-    def validate(self, need_out: bool = True) -> "MergeSpec":
+    def validate(self, need_out: bool = True) -> MergeSpec:
         for key in ("sft", "aligned"):
             if getattr(self, key) is None:
                 raise ExpoError(f"missing --{key} (a model folder or Hub repo id)")

@@ -48,9 +48,20 @@ sys.path.insert(0, ROOT)  # this checkout's expo_dist, installed or not
 from expo_dist.formats.folder import MANIFEST  # noqa: E402
 from expo_dist.runtime.fileio import fs_type, open_direct  # noqa: E402
 from expo_dist.testing import rss  # noqa: E402
-from expo_dist.testing.measure import (Cache, child_env, evict, machine, merge_cli, model_bytes,  # noqa: E402
-                                       nbytes, parse_shard_bytes, run_merge, run_sampled, tree_weight_files,
-                                       weight_files)
+from expo_dist.testing.measure import (  # noqa: E402
+    Cache,
+    child_env,
+    evict,
+    machine,
+    merge_cli,
+    model_bytes,
+    nbytes,
+    parse_shard_bytes,
+    run_merge,
+    run_sampled,
+    tree_weight_files,
+    weight_files,
+)
 from expo_dist.testing.rss import GiB, fmt_bytes  # noqa: E402
 
 IO_BLOCK = 16 << 20

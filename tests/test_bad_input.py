@@ -24,8 +24,8 @@ import torch
 
 from expo_dist.cli import main
 from expo_dist.formats.safetensors import read_header
-from expo_dist.testing.synth import make_pair
 from expo_dist.runtime.worker import TEST_DELAY_ENV
+from expo_dist.testing.synth import make_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.json")

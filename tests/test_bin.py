@@ -17,13 +17,13 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from expo_dist.formats.torchzip import read_bin_file
 from expo_dist.errors import ExpoError
-from expo_dist.sources.index import index_model
+from expo_dist.formats.torchzip import read_bin_file
 from expo_dist.merge import run
+from expo_dist.sources.index import index_model
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact, load_model
+from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.3
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -387,9 +387,9 @@ def test_each_file_gets_fresh_whitelisted_objects():
 
 def test_poisoned_sft_then_legitimate_pair_merges_exactly(pairs, tmp_path):
     """The attack of issue 10: a crafted SFT .bin read first, then a legitimate pair; no Ray (the task runner)."""
-    from expo_dist.runtime.runner import Runner
-    from expo_dist.output.finalize import create_shards
     from expo_dist.merge import build_plan
+    from expo_dist.output.finalize import create_shards
+    from expo_dist.runtime.runner import Runner
 
     st_sft, st_al = pairs["st"]
     bin_sft, bin_al = pairs["bin"]

@@ -215,7 +215,7 @@ def test_help_lists_every_config_key(capsys):
         main(["merge", "--help"])
     out = capsys.readouterr().out
     assert "--device {auto,cuda,cpu}" in out and "require GPUs" in out
-    for key, (typ, desc) in FIELDS.items():
+    for key, (_typ, desc) in FIELDS.items():
         assert f"  {key} " in out and desc[:30] in out, key
 
 

@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from expo_dist.runtime import kernel as kernel_mod
-from expo_dist.runtime import selfcheck
 from expo_dist import merge
 from expo_dist.cli import main
-from expo_dist.runtime.scheduler import Scheduler, placement
 from expo_dist.errors import ExpoError
+from expo_dist.runtime import kernel as kernel_mod
+from expo_dist.runtime import selfcheck
 from expo_dist.runtime.kernel import Kernel
+from expo_dist.runtime.scheduler import Scheduler, placement
 from expo_dist.runtime.selfcheck import KernelCheckFailed, check_cases, self_check
-from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact
+from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.3
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
@@ -56,7 +56,7 @@ def flipping_kernel(out_dtype: str, element: int, bit: int = 0):
 def test_self_check_passes_the_right_kernel_on_a_few_thousand_elements_per_dtype(monkeypatch):
     cases = check_cases()
     per_dtype = {}
-    for name, a_dt, a_raw, _, _, out_dt, _ in cases:
+    for _name, a_dt, a_raw, _, _, out_dt, _ in cases:
         per_dtype[out_dt] = per_dtype.get(out_dt, 0) + a_raw.size // ITEMSIZE[a_dt]
     assert set(per_dtype) == {"BF16", "F16", "F32", "F64"} and min(per_dtype.values()) >= 3000, per_dtype
     assert {c[6] for c in cases} >= {0.5, 0.5 + 2.0 ** -30}  # ties, and just past them (double rounding)

@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from expo_dist.runtime.runner import Runner
-from expo_dist.planning.windows import windows
-from expo_dist.output.finalize import create_shards
 from expo_dist.merge import build_plan
+from expo_dist.output.finalize import create_shards
 from expo_dist.planning.plan import COPY
+from expo_dist.planning.windows import windows
+from expo_dist.runtime.runner import Runner
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact
+from expo_dist.testing.synth import make_pair
 
 
 @pytest.fixture(scope="module")

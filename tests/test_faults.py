@@ -20,13 +20,12 @@ import psutil
 import pytest
 from clusters import three_node_cluster
 
-from expo_dist.testing.reference import assert_same
-
 from expo_dist.cli import main
 from expo_dist.merge import run
-from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.runtime.worker import TEST_FAULTS_ENV
+from expo_dist.spec import MergeSpec
+from expo_dist.testing.reference import assert_same
+from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.4
 SETTINGS = dict(max_shard_size="3MB", max_task_bytes="1MiB")

@@ -211,10 +211,10 @@ def test_fuzz_cli_values(tmp_path, capsys):
 def merge_without_ray(spec) -> dict:
     """The merge's own steps (plan, staged shards, the worker's Runner, finish) in this process, without Ray:
     a real output folder in a fraction of a second."""
-    from expo_dist.runtime.runner import Runner
+    from expo_dist.merge import build_plan
     from expo_dist.output.finalize import create_shards, finish, work_dir
     from expo_dist.output.manifest import RunInfo
-    from expo_dist.merge import build_plan
+    from expo_dist.runtime.runner import Runner
 
     spec.validate()
     plan, _, aligned = build_plan(spec)

@@ -24,11 +24,10 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from expo_dist.testing import synth
 from expo_dist.errors import ExpoError
+from expo_dist.planning.plan import make_plan, tensor_sources
 from expo_dist.sources.index import index_model
-from expo_dist.planning.plan import tensor_sources
-from expo_dist.planning.plan import make_plan
+from expo_dist.testing import synth
 from expo_dist.testing.reference import load_model
 
 SEED = 10_2024

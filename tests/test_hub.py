@@ -14,15 +14,15 @@ import textwrap
 
 import pytest
 import torch
+from hubcache import FakeHub, cache_layout, lay_out, storage_folder
 
 import expo_dist.runtime.runner
+from expo_dist.errors import ExpoError
 from expo_dist.sources import fetch
 from expo_dist.sources import refs as sources
-from expo_dist.errors import ExpoError
 from expo_dist.sources.index import index_model
-from expo_dist.testing.synth import make_pair
-from hubcache import FakeHub, cache_layout, lay_out, storage_folder
 from expo_dist.testing.reference import assert_exact, load_model
+from expo_dist.testing.synth import make_pair
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALPHA = 0.3
@@ -301,8 +301,8 @@ def test_bin_repo_plan_reads_no_tensor_bytes(offline, tmp_path, capsys):
     """A .bin-only repo in the cache: planning reads the zip directory, data.pkl and local headers, no tensor data."""
     from test_bin import to_bin
 
-    from expo_dist.formats.torchzip import read_bin_file
     from expo_dist.cli import main
+    from expo_dist.formats.torchzip import read_bin_file
 
     w = offline
     folder = to_bin(w["p1"][1], tmp_path / "dpo-bin", 3)

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from expo_dist.testing import synth
 from expo_dist.errors import ExpoError
 from expo_dist.sources.index import index_model
+from expo_dist.testing import synth
 
 ST_NAME = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 

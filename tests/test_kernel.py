@@ -140,7 +140,7 @@ def random_wide(rng, n, lo_exp, hi_exp) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def value_set(dtype, seed=0) -> torch.Tensor:
     rng = random.Random(seed)
     p, emin, emax = FORMATS[dtype]
@@ -152,7 +152,7 @@ def value_set(dtype, seed=0) -> torch.Tensor:
     ])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected(dtype, seed, ref_dtype=None) -> torch.Tensor:
     """Fraction-reference rounding of value_set(dtype, seed) to ref_dtype (default dtype); cached."""
     return ref_tensor(value_set(dtype, seed), ref_dtype or dtype)

@@ -8,8 +8,8 @@ import torch
 
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact, load_model
+from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.3
 

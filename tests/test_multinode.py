@@ -7,8 +7,8 @@ from clusters import three_node_cluster
 
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact
+from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.4
 

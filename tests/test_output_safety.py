@@ -13,18 +13,17 @@ import time
 
 import pytest
 
-from expo_dist.testing.reference import assert_exact, assert_same
-
 from expo_dist.cli import main
 from expo_dist.errors import ExpoError
 from expo_dist.formats.folder import side_files
+from expo_dist.merge import build_plan, fingerprint, prepare_output
 from expo_dist.output.journal import Journal
-from expo_dist.merge import build_plan, fingerprint, prepare_output, run
 from expo_dist.output.lock import OutputLock
 from expo_dist.output.owned import clear_owned
-from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.runtime.worker import TEST_DELAY_ENV
+from expo_dist.spec import MergeSpec
+from expo_dist.testing.reference import assert_exact, assert_same
+from expo_dist.testing.synth import make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHA = 0.3

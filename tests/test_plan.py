@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from expo_dist.testing import synth
-from expo_dist.formats.dtypes import itemsize
 from expo_dist.errors import ExpoError
-from expo_dist.sources.index import index_model
+from expo_dist.formats.dtypes import itemsize
 from expo_dist.planning.plan import COPY, EXTRAPOLATE, MIB, Source, make_plan, natural_key, parse_size
+from expo_dist.sources.index import index_model
+from expo_dist.testing import synth
 
 CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
        "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": False}
@@ -499,8 +499,9 @@ def test_plan_independent_of_input_sharding(two_shardings, max_task, max_shard):
     assert [(s.file, s.layout.header, s.layout.size) for s in p1.shards] == \
            [(s.file, s.layout.header, s.layout.size) for s in p2.shards]
     assert [(t.file, t.begin, t.end) for t in p1.tasks] == [(t.file, t.begin, t.end) for t in p2.tasks]
-    strip = lambda p: [[(g.op, g.tensor, g.out_offset, g.count, g.out_dtype, g.s_file is None) for g in t.segments]
-                       for t in p.tasks]
+    def strip(p):
+        return [[(g.op, g.tensor, g.out_offset, g.count, g.out_dtype, g.s_file is None) for g in t.segments]
+                for t in p.tasks]
     assert strip(p1) == strip(p2)
     assert len(p1.tasks) > len(p1.shards)  # several tasks per shard somewhere
     check_coverage(p1, max_task)

@@ -16,14 +16,13 @@ import time
 import psutil
 import pytest
 
-from expo_dist.testing.reference import assert_same, weights
-
 from expo_dist.cli import main
-from expo_dist.output.journal import Journal
 from expo_dist.merge import run
-from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
+from expo_dist.output.journal import Journal
 from expo_dist.runtime.worker import TEST_DELAY_ENV
+from expo_dist.spec import MergeSpec
+from expo_dist.testing.reference import assert_same, weights
+from expo_dist.testing.synth import make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHA = 0.3

@@ -7,11 +7,11 @@ import struct
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save, save_file
 
-from expo_dist.formats.dtypes import DTYPES, itemsize
 from expo_dist.errors import ExpoError
+from expo_dist.formats.dtypes import DTYPES, itemsize
 from expo_dist.formats.safetensors import alignment_order, layout, read_header
 
 ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
@@ -277,7 +277,8 @@ def test_errors_agree_with_safetensors_itself(tmp_path):
     with safe_open(ok, "pt") as f:
         assert sorted(f.keys()) == ["a", "b"]
     bad = []
-    h = good_header(); h["b"]["shape"] = [4]
+    h = good_header()
+    h["b"]["shape"] = [4]
     bad.append(write_st(tmp_path / "b1.safetensors", h, b"\0" * 14))
     bad.append(write_st(tmp_path / "b2.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                                                      "b": {"dtype": "BF16", "shape": [3],
@@ -287,7 +288,7 @@ def test_errors_agree_with_safetensors_itself(tmp_path):
     for p in bad:
         with pytest.raises(ExpoError):
             read_header(p)
-        with pytest.raises(Exception):
+        with pytest.raises(SafetensorError):
             with safe_open(p, "pt") as f:
                 for k in f.keys():
                     f.get_tensor(k)
@@ -302,7 +303,7 @@ def test_shape_entries_must_be_integers_not_booleans(tmp_path, shape):
     msg = expect_error(p, "'a'", "invalid shape")
     assert "\n" not in msg
     if shape == [True, 2]:
-        with pytest.raises(Exception):
+        with pytest.raises(SafetensorError):
             with safe_open(p, "pt") as f:
                 f.get_tensor("a")
 

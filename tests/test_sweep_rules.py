@@ -5,8 +5,8 @@ import os
 
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.testing.reference import assert_exact, expected_bytes, load_dtypes, load_model, tensor_bytes
+from expo_dist.testing.synth import make_pair
 
 
 def test_sweep_writes_each_alpha_exactly_from_one_read(local_ray, tmp_path):

@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from expo_dist.cli import main
-from expo_dist.merge import run
-from expo_dist.spec import MergeSpec
 from expo_dist.formats.reader import LocalReader
 from expo_dist.formats.safetensors import read_header
+from expo_dist.merge import run
+from expo_dist.spec import MergeSpec
 from expo_dist.testing.synth import make_pair
 from expo_dist.verify import verify
 

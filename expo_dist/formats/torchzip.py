@@ -9,7 +9,8 @@ torch.save (torch >= 1.6) writes a zip archive whose members are all stored unco
     <prefix>/data/<key>    the raw bytes of storage <key>, little endian, C order
     <prefix>/byteorder     "little" (absent before torch 2.1: little endian then too in practice)
 
-We read the zip central directory, unpickle data.pkl with an unpickler (unpickle.py) that knows only the handful of globals a
+We read the zip central directory, unpickle data.pkl with an unpickler (unpickle.py) that knows only the handful of
+globals a
 state dict uses and builds *descriptions* instead of tensors (every other global is refused, so nothing in the
 file ever runs), and read each storage's local file header to learn where its bytes start. A tensor that is one
 contiguous run of its storage is then an absolute byte range of the .bin file, the same thing a safetensors header

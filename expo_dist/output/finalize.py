@@ -32,7 +32,8 @@ def check_out_dir(out: str, inputs: list[str]) -> None:
     for src in inputs:
         if src and os.path.isdir(src):
             if _inside(out, src):
-                raise ExpoError(f"--out {out} is {'the same as' if os.path.realpath(out) == os.path.realpath(src) else 'inside'} "
+                how = "the same as" if os.path.realpath(out) == os.path.realpath(src) else "inside"
+                raise ExpoError(f"--out {out} is {how} "
                                 f"the input {src}; choose a folder outside the input models")
             if _inside(src, out):
                 raise ExpoError(f"--out {out} contains the input {src}; choose another output folder")

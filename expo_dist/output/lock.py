@@ -56,7 +56,7 @@ class OutputLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         os.makedirs(self.wdir, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -83,7 +83,7 @@ class OutputLock:
         self.fd = fd
         return self
 
-    def _acquire_lease(self) -> "OutputLock":
+    def _acquire_lease(self) -> OutputLock:
         path = os.path.join(self.wdir, LEASE)
         for _ in range(3):
             try:
@@ -150,7 +150,7 @@ class OutputLock:
         os.close(self.fd)  # closing drops the flock
         self.fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,8 @@ from ..errors import ExpoError
 from ..formats.folder import CARD, INDEX, MANIFEST, SHARD, WORK
 from ..runtime.fileio import atomic_write
 from .journal import JOURNAL, PLAN
-from .lock import LEASE, NAME as LOCK
+from .lock import LEASE
+from .lock import NAME as LOCK
 from .manifest import TOOL
 
 OWNED = "owned.json"

@@ -36,7 +36,8 @@ def format_report(r: dict) -> str:
     lines = [f"ExPO plan: alpha={r['alpha']}",
              "tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(r["tensors"].items())),
              f"read {r['bytes_read'] / 1e9:.3f} GB, write {r['bytes_written'] / 1e9:.3f} GB in {r['tasks']} tasks "
-             f"(largest {r['largest_task_bytes'] / 2**20:.0f} MiB); worker buffers {r['worker_buffer_bytes'] / 2**20:.0f} MiB"]
+             f"(largest {r['largest_task_bytes'] / 2**20:.0f} MiB); "
+             f"worker buffers {r['worker_buffer_bytes'] / 2**20:.0f} MiB"]
     for name, d in r["decisions"].items():
         lines.append(f"  {d['op']:>15}  {name}  {d['note']}")
     lines.append("shards:")

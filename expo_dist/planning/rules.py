@@ -18,8 +18,8 @@ import fnmatch
 import math
 import re
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import ExpoError
 

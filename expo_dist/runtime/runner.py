@@ -172,7 +172,8 @@ class Runner:
         res = TaskResult(task.id, task.nbytes, [0] * k_out)
         out_paths = [os.path.join(d, task.file) for d in self.out_dirs]
         wins = windows(task, self.chunk)
-        reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % SLOTS]) for w in range(min(SLOTS, len(wins)))}
+        reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % SLOTS])
+                 for w in range(min(SLOTS, len(wins)))}
         writes = {}
         crc = res.crc32s
         try:

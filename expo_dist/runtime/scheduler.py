@@ -7,8 +7,8 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import ExpoError, MergeFailed, check_terminated
 from ..planning.plan import Plan, Task
@@ -96,9 +96,8 @@ class Scheduler:
         self.stats = RunStats()
 
     def _spawn(self):
-        from .worker import MergeWorker
-
         from ..sources.fetch import worker_env
+        from .worker import MergeWorker
 
         # Hub settings travel with the actors when the plan reads from the Hub. Without a runtime_env an actor
         # can take one of the idle worker processes Ray started with itself instead of a new process.

@@ -27,9 +27,16 @@ SMALL = 4096  # other reads (zip local headers): small requests
 def hub_error(e: Exception, repo: str, revision: str | None, what: str | None = None) -> ExpoError:
     """One line for each way the Hub can say no."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-                                        RevisionResolutionError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
 
     rev = revision or "main"
     name = f"{repo}@{rev}"
@@ -132,8 +139,14 @@ def transient(e: Exception) -> bool:
     """Whether the Hub failing like this may go away on its own: a timeout, a dropped connection, a 408/429/5xx
     answer, or a download that could not check the Hub while online. Not: 401/403/404, gated repos, offline mode."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(e, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, OfflineModeIsEnabled)):
         return False

@@ -14,7 +14,6 @@ from ..formats.torchzip import read_bin_header
 from .refs import Resolved, resolve
 
 
-
 @dataclass(frozen=True)
 class TensorRef:
     file: str  # absolute path, or hf://org/name@<commit>/<file> (fetch.local_path resolves it on a worker)

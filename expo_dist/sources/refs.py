@@ -28,8 +28,16 @@ from dataclasses import dataclass, field
 from ..errors import ExpoError
 from ..formats.folder import is_side_file
 from ..formats.reader import LocalReader
-from .hub import (HubReader, cached_listing, check_revision, hub_error, hub_exceptions, offline_error,
-                  resolve_commit, snapshot_dir)
+from .hub import (
+    HubReader,
+    cached_listing,
+    check_revision,
+    hub_error,
+    hub_exceptions,
+    offline_error,
+    resolve_commit,
+    snapshot_dir,
+)
 
 log = logging.getLogger("expo_dist")
 

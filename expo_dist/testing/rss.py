@@ -105,7 +105,7 @@ class TreeSampler:
         self._t0 = time.monotonic()
 
     # -- context manager -------------------------------------------------------------------------------
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self.start()
         return self
 
@@ -226,7 +226,7 @@ def fmt_bytes(n: int | None) -> str:
 def format_table(procs: list[ProcInfo], limit: int = GiB) -> str:
     lines = [f"  {'role':<18} {'pid':>7} {'peak RSS':>10}  {'at':>6}  command"]
     for p in procs:
-        flag = "  <-- over %s" % fmt_bytes(limit) if p.peak_rss >= limit else ""
+        flag = f"  <-- over {fmt_bytes(limit)}" if p.peak_rss >= limit else ""
         cmd = p.cmd if len(p.cmd) <= 70 else p.cmd[:67] + "..."
         lines.append(f"  {p.role:<18} {p.pid:>7} {fmt_bytes(p.peak_rss):>10}  {p.peak_at:5.1f}s  {cmd}{flag}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import json
 import os
 import struct
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import ExpoError
 from ..formats.folder import INDEX, MANIFEST, WORK

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from ..planning.rules import Rule, alphas_for
 from ..sources.fetch import local_path  # a Hub input's weight file is named by an hf:// ref: its file in this cache
 from ..sources.index import ModelIndex, index_model
 from .verdict import Report
-
 
 CHUNK_ELEMS = 1 << 20  # elements per read: ~40 MB of buffers (two float64 inputs, their raw bytes, the result)
 DEFAULT_SAMPLE = 8

@@ -32,7 +32,7 @@ sys.modules.setdefault("cluster_conftest", sys.modules[__name__])
 
 # ---- what is installed / running ----------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def slurm_skip_reason() -> str | None:
     """None if a Slurm with ≥ 2 usable nodes answers, else why the Slurm tests are skipped.
 
@@ -53,7 +53,7 @@ def slurm_skip_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ray_job_skip_reason() -> str | None:
     if shutil.which("ray") is None:
         return "`ray` CLI not on PATH"

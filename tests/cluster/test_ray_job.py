@@ -19,9 +19,19 @@ import time
 import urllib.request
 
 import pytest
-
-from cluster_conftest import (ALPHA, SPLIT_ARGS, assert_exact_output, dump, free_port, make_small_pair,
-                              manifest_workers, processes_of, ray_job_skip_reason, ray_logs, wait_until)
+from cluster_conftest import (
+    ALPHA,
+    SPLIT_ARGS,
+    assert_exact_output,
+    dump,
+    free_port,
+    make_small_pair,
+    manifest_workers,
+    processes_of,
+    ray_job_skip_reason,
+    ray_logs,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(ray_job_skip_reason() is not None, reason=str(ray_job_skip_reason()))
 

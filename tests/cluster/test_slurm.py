@@ -10,9 +10,21 @@ import os
 import subprocess
 
 import pytest
-
-from cluster_conftest import (ALPHA, SBATCH, SPLIT_ARGS, assert_exact_output, dump, job_state, looks_complete,
-                      make_small_pair, manifest_workers, processes_of, slurm_env, slurm_skip_reason, wait_until)
+from cluster_conftest import (
+    ALPHA,
+    SBATCH,
+    SPLIT_ARGS,
+    assert_exact_output,
+    dump,
+    job_state,
+    looks_complete,
+    make_small_pair,
+    manifest_workers,
+    processes_of,
+    slurm_env,
+    slurm_skip_reason,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(slurm_skip_reason() is not None, reason=str(slurm_skip_reason()))
 
