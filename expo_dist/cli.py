@@ -106,7 +106,7 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expo-dist", description="Exact, distributed ExPO model extrapolation "
                                      "(theta_aligned + alpha * (theta_aligned - theta_sft)) on Ray.")
     parser.add_argument("--version", action="version", version=f"expo-dist {__version__}")
@@ -131,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--full", action="store_true", help="recompute every tensor")
     p.add_argument("--seed", type=int, default=0, help="seed of the --sample choice (default 0)")
     p.set_defaults(func=cmd_verify)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="expo-dist: %(message)s")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
     try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                            format="expo-dist: %(message)s")
         return args.func(args)
     except ExpoError as e:
         print(f"expo-dist: error: {e}", file=sys.stderr)
@@ -160,12 +164,20 @@ def stop_on_sigterm() -> None:
 
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, handler)
+        previous = sys.unraisablehook
+
+        def unraisable(info):  # Terminated raised inside a callback Python cannot unwind: the flag carries it
+            if not (info.exc_type is not None and issubclass(info.exc_type, Terminated)):
+                previous(info)
+
+        sys.unraisablehook = unraisable
 
 
 def entry() -> None:
     """The console script: main(), then exit. After a SIGTERM the merge has already closed its journal and stopped
     Ray; leaving through os._exit skips the interpreter's teardown, where Ray's C++ core worker, hit by the same
     SIGTERM, can abort (exit -6 in 2 of 8 runs with SIGTERM while the workers started) after our one line."""
+    stop_on_sigterm()  # as early as we can: a SIGTERM before this (interpreter start-up) ends the process as -15
     code = main()
     if code == 143 and TERMINATED.is_set():
         logging.shutdown()

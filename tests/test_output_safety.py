@@ -307,7 +307,7 @@ def test_resume_refuses_an_input_rewritten_in_place_with_its_mtime_set_back(pair
 # ---- SIGTERM --------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("after", [0.3, 1.0, 2.0, 2.5, 3.0, 4.0])
+@pytest.mark.parametrize("after", [0.2, 0.3, 0.5, 1.0, 2.0, 2.5, 3.0, 4.0])
 def test_sigterm_exits_143_wherever_it_lands(pair, tmp_path, after):
     """Before Ray starts, while it starts, and mid-merge: always one line and 143 (Slurm reads it)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
