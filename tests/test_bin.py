@@ -22,8 +22,8 @@ from expo_dist.formats.torchzip import read_bin_file
 from expo_dist.merge import run
 from expo_dist.sources.index import index_model
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.reference import assert_exact, load_model
-from expo_dist.testing.synth import make_pair
+from expo_dist.testing.reference import assert_exact
+from expo_dist.testing.synth import make_pair, to_bin
 
 ALPHA = 0.3
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -233,26 +233,6 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, kind):
 
 
 # ---- merges ----
-
-
-def to_bin(st_folder: pathlib.Path, dst: pathlib.Path, shard_tensors: int | None) -> pathlib.Path:
-    """Re-save a safetensors model folder as pytorch_model.bin (shard_tensors None) or sharded .bin + index."""
-    shutil.copytree(st_folder, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
-    sd = load_model(str(st_folder))
-    names = sorted(sd)
-    if shard_tensors is None:
-        torch.save(OrderedDict((n, sd[n]) for n in names), dst / "pytorch_model.bin")
-        return dst
-    groups = [names[i:i + shard_tensors] for i in range(0, len(names), shard_tensors)]
-    wm = {}
-    for k, group in enumerate(groups):
-        fname = f"pytorch_model-{k + 1:05d}-of-{len(groups):05d}.bin"
-        torch.save(OrderedDict((n, sd[n]) for n in group), dst / fname)
-        wm.update({n: fname for n in group})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": wm}, indent=2))
-    return dst
 
 
 @pytest.fixture(scope="module")

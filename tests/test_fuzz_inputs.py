@@ -28,30 +28,10 @@ from expo_dist.errors import ExpoError
 from expo_dist.planning.plan import make_plan, tensor_sources
 from expo_dist.sources.index import index_model
 from expo_dist.testing import synth
-from expo_dist.testing.reference import load_model
 
 SEED = 10_2024
 TINY = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, vocab_size=16,
             nonfloat_buffer=True)
-
-
-def to_bin(st_folder: pathlib.Path, dst: pathlib.Path, shard_tensors: int | None) -> pathlib.Path:
-    """A safetensors model re-saved with torch.save: pytorch_model.bin, or shards + pytorch_model.bin.index.json."""
-    dst.mkdir()
-    shutil.copy(st_folder / "config.json", dst / "config.json")
-    sd = load_model(str(st_folder))
-    names = sorted(sd)
-    if shard_tensors is None:
-        torch.save(OrderedDict((n, sd[n]) for n in names), dst / "pytorch_model.bin")
-        return dst
-    groups = [names[i:i + shard_tensors] for i in range(0, len(names), shard_tensors)]
-    wm = {}
-    for k, group in enumerate(groups):
-        fname = f"pytorch_model-{k + 1:05d}-of-{len(groups):05d}.bin"
-        torch.save(OrderedDict((n, sd[n]) for n in group), dst / fname)
-        wm.update({n: fname for n in group})
-    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": wm}))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +40,8 @@ def models(tmp_path_factory):
     s1, a1 = synth.make_pair(root / "single", seed=3, **TINY)
     s2, a2 = synth.make_pair(root / "sharded", seed=4, sft_shard_bytes=1500, aligned_shard_bytes=1200, **TINY)
     return {"st-single": (s1, a1), "st-sharded": (s2, a2),
-            "bin-single": (s1, to_bin(a1, root / "bin-single", None)),
-            "bin-sharded": (s2, to_bin(a2, root / "bin-sharded", 4))}
+            "bin-single": (s1, synth.to_bin(a1, root / "bin-single", None)),
+            "bin-sharded": (s2, synth.to_bin(a2, root / "bin-sharded", 4))}
 
 
 # ---- running one case ----------------------------------------------------------------------------------------

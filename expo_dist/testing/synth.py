@@ -11,13 +11,16 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
+from collections import OrderedDict
 
 import torch
 
 from ..formats.dtypes import TORCH_NAMES, itemsize, torch_dtype
 from ..formats.folder import INDEX, shard_name
 from ..formats.safetensors import alignment_order, layout
+from .reference import load_model
 
 CHUNK_ELEMS = 1 << 22  # 4 Mi elements per chunk: ≤ ~48 MiB of temporaries (two f32, two of the output dtype)
 BUFFER_NAME = "model.extra_buffer.position_ids"
@@ -237,3 +240,23 @@ def make_pair(out_dir, *, hidden_size=64, intermediate_size=128, num_layers=2, n
         _write_configs(folder, dtype, vocab, kw)
         _write_tokenizer(folder, vocab, tmpl)
     return dirs
+
+
+def to_bin(st_folder: pathlib.Path, dst: pathlib.Path, shard_tensors: int | None) -> pathlib.Path:
+    """Re-save a safetensors model folder as pytorch_model.bin (shard_tensors None) or sharded .bin + index."""
+    shutil.copytree(st_folder, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    sd = load_model(str(st_folder))
+    names = sorted(sd)
+    if shard_tensors is None:
+        torch.save(OrderedDict((n, sd[n]) for n in names), dst / "pytorch_model.bin")
+        return dst
+    groups = [names[i:i + shard_tensors] for i in range(0, len(names), shard_tensors)]
+    wm = {}
+    for k, group in enumerate(groups):
+        fname = f"pytorch_model-{k + 1:05d}-of-{len(groups):05d}.bin"
+        torch.save(OrderedDict((n, sd[n]) for n in group), dst / fname)
+        wm.update({n: fname for n in group})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": wm}, indent=2))
+    return dst
