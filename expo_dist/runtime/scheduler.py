@@ -1,4 +1,5 @@
-"""Ray at the edge: place worker actors, schedule tasks on them, retry, seal files (session.py starts Ray)."""
+"""Ray at the edge: place worker actors, schedule tasks on them, retry, seal files (session.py starts Ray;
+filestate.py keeps, without Ray, which node owns which file and how far each file is hashed)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from dataclasses import dataclass, field
 from ..errors import ExpoError, MergeFailed, check_terminated
 from ..planning.plan import Plan, Task
 from ..sources.refs import is_ref
+from .filestate import FileOwnership, HashFrontier
 from .session import Progress
 
 log = logging.getLogger("expo_dist")
 IN_FLIGHT = 2  # tasks queued per actor: one runs while the next waits
-HASH_STEP = 256 << 20  # bytes: how often a file's hasher is told that more of it is final
 POLL = 1.0  # seconds: the longest wait for a worker before looking at the SIGTERM flag again
 START_TIMEOUT = 300.0  # seconds to wait for a replacement worker when no worker is left
 
@@ -31,6 +32,34 @@ class RunStats:
     nonfinite_in: int | None = None  # None: the workers do not count non-finite inputs
     attempts: int = 0
     seconds: float = 0.0
+
+
+# What a pending Ray call was: one record per ref, with its submission number (an actor runs its calls in order).
+@dataclass(frozen=True, eq=False)
+class Pending:
+    actor: object
+    seq: int
+
+
+@dataclass(frozen=True, eq=False)
+class StartCall(Pending):  # actor.info(): a replacement worker starting
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class TaskCall(Pending):  # actor.run(task)
+    task: Task
+
+
+@dataclass(frozen=True, eq=False)
+class SealCall(Pending):  # actor.seal(paths of file)
+    file: str
+
+
+@dataclass(frozen=True, eq=False)
+class HashCall(Pending):  # actor.hash_advance(paths of file, upto)
+    file: str
+    upto: int
 
 
 def placement(device: str, resources: dict, workers: int | None) -> tuple[str, int, dict]:
@@ -63,35 +92,22 @@ class Scheduler:
         self.plan, self.max_attempts, self.cache_dir, self.io = plan, max_attempts, cache_dir, io
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.on_done = on_done
-        self.todo: dict[str, deque[Task]] = defaultdict(deque)
-        for t in plan.tasks:
-            if t.id not in skip:
-                self.todo[t.file].append(t)
-        self.unclaimed = deque(f for f in (s.file for s in plan.shards) if self.todo.get(f))
-        self.owner: dict[str, str] = {}  # file -> node that claimed it
-        self.remaining = {f: len(q) for f, q in self.todo.items()}
-        self.to_seal: deque[str] = deque(s.file for s in plan.shards if not self.todo.get(s.file))
-        self.attempts: dict[int, int] = defaultdict(int)
-        # sha256 along the write frontier: per file, its tasks in order, which are done, the hashing actor
-        self.by_file: dict[str, list[Task]] = defaultdict(list)
-        for t in sorted(plan.tasks, key=lambda t: t.begin):
-            self.by_file[t.file].append(t)
-        self.done_ids: set[int] = set(skip)
-        self.file_inputs: dict[str, set[str]] = defaultdict(set)  # output file -> input files its tasks read
-        for t in plan.tasks:
-            self.file_inputs[t.file].update(t.input_files)
-        self.hub = any(is_ref(f) for fs in self.file_inputs.values() for f in fs)
-        self.node_inputs: dict[str, set[str]] = defaultdict(set)  # node -> input files its workers read
-        self.frontier: dict[str, int] = {s.file: 0 for s in plan.shards}  # index of the first unfinished task
-        self.hashed_to: dict[str, int] = {}  # file -> bytes the hasher was told are final
+        files = [s.file for s in plan.shards]
+        self.files = FileOwnership(files, plan.tasks, skip)  # which node writes which file; tasks left
+        self.frontier = HashFrontier(files, plan.tasks, skip)  # sha256 along each file's write frontier
         self.hasher: dict[str, object] = {}  # file -> actor hashing it
+        self.to_seal: deque[str] = deque(f for f in files if not self.files.has_work(f))
+        self.attempts: dict[int, int] = defaultdict(int)
+        self.last_error: dict[int, str] = {}
+        self.hub = any(is_ref(f) for t in plan.tasks for f in t.input_files)
         self.worker_args = dict(worker_args or {})
         self.device, n, self.opts = placement(device, ray.cluster_resources(), workers)
         self.n = max(1, min(n, len(plan.tasks) or 1))
         self.actors: dict = {}  # actor handle -> info
         self.starting: set = set()  # replacement actors not yet up
         self.failed_starts, self.last_start_error = 0, ""
-        self.last_error: dict[int, str] = {}
+        self.pending: dict[object, Pending] = {}  # ref -> what the call was
+        self.load: dict = defaultdict(int)  # actor -> its task and seal calls in flight
         self.seq = itertools.count()
         self.stats = RunStats()
 
@@ -114,27 +130,33 @@ class Scheduler:
             try:
                 info = self.ray.get(ref)
             except self.ray.exceptions.RayError as e:  # it died starting: the loop starts a replacement
-                self.failed_starts += 1
-                self.last_start_error = f"{e.__class__.__name__}: {_first_line(e)}"
-                log.warning("a worker did not start (%s)", self.last_start_error)
+                self._start_failed("a worker", e)
                 self.starting.discard(a)
                 continue
             self._register(a, info)
             self.starting.discard(a)
 
+    def _start_failed(self, what: str, e: BaseException) -> None:
+        self.failed_starts += 1
+        self.last_start_error = f"{e.__class__.__name__}: {_first_line(e)}"
+        log.warning("%s did not start (%s)", what, self.last_start_error)
+
     def _register(self, actor, info: dict) -> None:
         if info.get("error"):  # a GPU that cannot run the kernel or fails its self-check: no retry, one line
-            try:
-                self.ray.kill(actor, no_restart=True)
-            except Exception:  # pragma: no cover - already gone
-                pass
+            self._kill(actor)
             raise MergeFailed(info["error"])
         info["tasks"] = 0
         info["bytes"] = 0
         self.actors[actor] = info
         self.stats.workers.append(info)
 
-    def _replace(self, pending: dict) -> None:
+    def _kill(self, actor) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # pragma: no cover - the actor or the cluster is already gone
+            pass
+
+    def _replace(self) -> None:
         """Start a replacement actor without waiting for it: it may never fit (its node is gone, and every
         other CPU or GPU is taken by a live worker), and then the live workers finish the merge alone."""
         if self.failed_starts >= self.max_attempts:
@@ -142,23 +164,7 @@ class Scheduler:
                               f"{self.last_start_error}")
         a = self._spawn()
         self.starting.add(a)
-        pending[a.info.remote()] = ("start", a, None, next(self.seq))
-
-    def _next_task(self, node: str) -> Task | None:
-        mine = [f for f, n in self.owner.items() if n == node and self.todo[f]]
-        if not mine and self.unclaimed:
-            # prefer the output file whose inputs this node already read (Hub inputs: already in its cache)
-            have = self.node_inputs.get(node, set())
-            f = max(self.unclaimed, key=lambda f: len(self.file_inputs[f] & have)) if have else self.unclaimed[0]
-            self.unclaimed.remove(f)
-            self.owner[f] = node
-            mine = [f]
-        if mine:
-            return self.todo[mine[0]].popleft()
-        others = [f for f in self.todo if self.todo[f]]
-        if others:  # the tail: help another node rather than sit idle
-            return self.todo[max(others, key=lambda f: len(self.todo[f]))].popleft()
-        return None
+        self.pending[a.info.remote()] = StartCall(a, next(self.seq))
 
     def run(self, progress: Progress | None = None) -> RunStats:
         t0 = time.monotonic()
@@ -172,51 +178,45 @@ class Scheduler:
                     info["fetched_error"] = _first_line(e)
         finally:  # on failure too: on a shared cluster, live actors would keep holding their CPUs / GPUs
             for a in list(self.actors) + list(self.starting):
-                try:
-                    self.ray.kill(a, no_restart=True)
-                except Exception:  # pragma: no cover - the actor or the cluster is already gone
-                    pass
+                self._kill(a)
         self.stats.attempts = sum(self.attempts.values())
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
+    def _feed(self, actor) -> None:
+        """Fill the actor's queue: a seal of a file it hashed (or whose hasher died) first, else its next task."""
+        while self.load[actor] < IN_FLIGHT:
+            ours = [f for f in self.to_seal if self.hasher.get(f, actor) is actor]
+            if ours:  # seal where the file was hashed; a file whose hasher died is hashed anew here
+                f = ours[0]
+                self.to_seal.remove(f)
+                self.hasher[f] = actor
+                self.pending[actor.seal.remote(self._paths(f))] = SealCall(actor, next(self.seq), f)
+                self.load[actor] += 1
+                continue
+            task = self.files.next_task(self.actors[actor]["node_id"])
+            if task is None:
+                return
+            self.attempts[task.id] += 1
+            self.pending[actor.run.remote(task)] = TaskCall(actor, next(self.seq), task)
+            self.load[actor] += 1
+
     def _loop(self, progress: Progress | None, t0: float) -> None:
         ray = self.ray
-        pending: dict = {}  # ref -> (kind, actor, payload, submission number)
-        load: dict = defaultdict(int)
-
-        def feed(actor):
-            while load[actor] < IN_FLIGHT:
-                node = self.actors[actor]["node_id"]
-                ours = [f for f in self.to_seal if self.hasher.get(f, actor) is actor]
-                if ours:  # seal where the file was hashed; a file whose hasher died is hashed anew here
-                    f = ours[0]
-                    self.to_seal.remove(f)
-                    self.hasher[f] = actor
-                    pending[actor.seal.remote(self._paths(f))] = ("seal", actor, f, next(self.seq))
-                    load[actor] += 1
-                    continue
-                task = self._next_task(node)
-                if task is None:
-                    return
-                self.attempts[task.id] += 1
-                pending[actor.run.remote(task)] = ("task", actor, task, next(self.seq))
-                load[actor] += 1
-
-        for f in self.frontier:  # a resumed merge: hash what is already done
-            self._advance_hash(f, pending, None)
+        for f in self.frontier.files:  # a resumed merge: hash what is already done
+            self._advance_hash(f, None)
         idle_since = time.monotonic()
         while True:
             check_terminated()
             for a in list(self.actors):
-                feed(a)
-            busy = any(v[0] != "start" for v in pending.values())
-            if not busy and not self.to_seal and not any(self.todo.values()):
+                self._feed(a)
+            busy = any(not isinstance(c, StartCall) for c in self.pending.values())
+            if not busy and not self.to_seal and not self.files.has_work():
                 return
             if not self.actors and not self.starting:
-                self._replace(pending)
+                self._replace()
             # with no live worker, wait for a replacement only so long; wake up now and then to see the SIGTERM flag
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=POLL)
             if ready or self.actors:
                 idle_since = time.monotonic()
             if not ready and time.monotonic() - idle_since < START_TIMEOUT:
@@ -225,66 +225,62 @@ class Scheduler:
                 raise MergeFailed(f"no worker left and none could be started in {START_TIMEOUT:.0f}s (has the "
                                   "cluster lost its nodes?); rerun the same command to resume")
             ref = ready[0]
-            kind, actor, payload, seq = pending.pop(ref)
-            if kind == "start":
-                self.starting.discard(actor)
+            call = self.pending.pop(ref)
+            if isinstance(call, StartCall):
+                self.starting.discard(call.actor)
                 try:
-                    self._register(actor, ray.get(ref))
+                    self._register(call.actor, ray.get(ref))
                 except ray.exceptions.RayError as e:
-                    self.failed_starts += 1
-                    self.last_start_error = f"{e.__class__.__name__}: {_first_line(e)}"
-                    log.warning("a replacement worker did not start (%s)", self.last_start_error)
+                    self._start_failed("a replacement worker", e)
                 continue
-            if kind != "hash":
-                load[actor] -= 1
+            if not isinstance(call, HashCall):
+                self.load[call.actor] -= 1
             try:
                 result = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
                     ray.exceptions.OwnerDiedError) as e:
-                self._lost(actor, kind, payload, seq, e, pending, load)
+                self._lost(call, e)
                 continue
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
                 if isinstance(cause, ExpoError):
                     raise cause.__class__(str(cause)) from None
-                raise MergeFailed(f"task {getattr(payload, 'id', payload)} failed: {str(e).splitlines()[-1]}") from None
-            if kind == "task":
-                info = self.actors[actor]
-                info["tasks"] += 1
-                info["bytes"] += result.nbytes
-                self.stats.differs.update(result.differs)
-                self.stats.nonfinite_out += result.nonfinite_out
-                if getattr(result, "nonfinite_in", None) is not None:
-                    self.stats.nonfinite_in = (self.stats.nonfinite_in or 0) + result.nonfinite_in
-                if self.on_done:
-                    self.on_done(payload, result)
-                if progress:
-                    progress.add(result.nbytes)
-                self.remaining[payload.file] -= 1
-                self.done_ids.add(payload.id)
-                self.node_inputs[info["node_id"]].update(payload.input_files)
-                self._advance_hash(payload.file, pending, actor)
-                if self.remaining[payload.file] == 0:
-                    log.info("all tasks of %s done at %.2fs", payload.file, time.monotonic() - t0)
-                    self.to_seal.append(payload.file)
-            elif kind == "seal":
+                what = call.task.id if isinstance(call, TaskCall) else call.file
+                raise MergeFailed(f"task {what} failed: {str(e).splitlines()[-1]}") from None
+            if isinstance(call, TaskCall):
+                self._task_done(call, result, progress, t0)
+            elif isinstance(call, SealCall):
                 for k, rec in enumerate(result):
-                    self.stats.sealed.setdefault(k, {})[payload] = rec
-                log.info("sealed %s at %.2fs", payload, time.monotonic() - t0)
+                    self.stats.sealed.setdefault(k, {})[call.file] = rec
+                log.info("sealed %s at %.2fs", call.file, time.monotonic() - t0)
+
+    def _task_done(self, call: TaskCall, result, progress: Progress | None, t0: float) -> None:
+        task, info = call.task, self.actors[call.actor]
+        info["tasks"] += 1
+        info["bytes"] += result.nbytes
+        self.stats.differs.update(result.differs)
+        self.stats.nonfinite_out += result.nonfinite_out
+        if getattr(result, "nonfinite_in", None) is not None:
+            self.stats.nonfinite_in = (self.stats.nonfinite_in or 0) + result.nonfinite_in
+        if self.on_done:
+            self.on_done(task, result)
+        if progress:
+            progress.add(result.nbytes)
+        last = self.files.done(task, info["node_id"])
+        self.frontier.done(task)
+        self._advance_hash(task.file, call.actor)
+        if last:
+            log.info("all tasks of %s done at %.2fs", task.file, time.monotonic() - t0)
+            self.to_seal.append(task.file)
 
     def _paths(self, fname: str) -> list[str]:
         return [os.path.join(d, fname) for d in self.out_dirs]
 
-    def _advance_hash(self, fname: str, pending: dict, actor) -> None:
-        """Tell the file's hasher how far the file is final (its finished prefix), every HASH_STEP bytes."""
-        tasks, i = self.by_file.get(fname, []), self.frontier[fname]
-        while i < len(tasks) and tasks[i].id in self.done_ids:
-            i += 1
-        self.frontier[fname] = i
-        upto = tasks[i - 1].end if i else 0
-        complete = i == len(tasks)
-        if upto <= self.hashed_to.get(fname, 0) or (not complete and upto - self.hashed_to.get(fname, 0) < HASH_STEP):
+    def _advance_hash(self, fname: str, actor) -> None:
+        """Tell the file's hasher how far the file is final (its finished prefix), every HASH_STEP bytes (filestate)."""
+        upto = self.frontier.due(fname)
+        if upto is None:
             return
         hasher = self.hasher.get(fname)
         if hasher is None:
@@ -293,50 +289,46 @@ class Scheduler:
                     return
                 actor = next(iter(self.actors))
             hasher = self.hasher[fname] = actor
-        self.hashed_to[fname] = upto
-        pending[hasher.hash_advance.remote(self._paths(fname), upto)] = ("hash", hasher, fname, next(self.seq))
+        self.frontier.tell(fname, upto)
+        self.pending[hasher.hash_advance.remote(self._paths(fname), upto)] = HashCall(hasher, next(self.seq),
+                                                                                    fname, upto)
 
-    def _lost(self, actor, kind, payload, seq, err, pending, load) -> None:
+    def _lost(self, call: Pending, err: BaseException) -> None:
         """An actor or its node died: give back all it held and start a replacement.
 
         An actor runs its calls one at a time in the order they were sent, so of what it held only the
         earliest was running; the others never started and do not count as attempts."""
-        ray = self.ray
+        actor = call.actor
         info = self.actors.pop(actor, None) or {}
         info["died"] = f"{err.__class__.__name__}: {_first_line(err)}"
         log.warning("worker %s on %s died (%s); rescheduling its tasks",
                     info.get("pid"), info.get("hostname"), err.__class__.__name__)
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # pragma: no cover - already gone
-            pass
+        self._kill(actor)
         for fname in [f for f, a in self.hasher.items() if a is actor]:  # its hash state is gone
             del self.hasher[fname]
-            self.hashed_to.pop(fname, None)
-        held = [(kind, payload, seq)]
-        for ref, (k, a, p, q) in list(pending.items()):
-            if a is actor:
-                pending.pop(ref)
-                held.append((k, p, q))
-        held = [h for h in held if h[0] != "hash"]
-        load.pop(actor, None)
-        running = min((q for _, _, q in held), default=None)
+            self.frontier.forget(fname)
+        held = [call]
+        for ref, c in list(self.pending.items()):
+            if c.actor is actor:
+                self.pending.pop(ref)
+                held.append(c)
+        held = [c for c in held if not isinstance(c, HashCall)]
+        self.load.pop(actor, None)
+        running = min((c.seq for c in held), default=None)
         where = f"worker pid {info.get('pid')} on {info.get('hostname')} died ({info['died']})"
-        for k, p, q in sorted(held, key=lambda h: -h[2]):  # requeued at the front: the running one first
-            self._requeue(k, p, where, started=q == running)
-        for fname in list(self.frontier):  # hash again from the start on another worker
-            if fname not in self.hasher and fname not in self.to_seal and fname not in self.stats_sealed_files():
-                self._advance_hash(fname, pending, None)
-        self._replace(pending)
+        for c in sorted(held, key=lambda c: -c.seq):  # requeued at the front: the running one first
+            self._requeue(c, where, started=c.seq == running)
+        sealed = set(self.stats.sealed.get(0, {}))
+        for fname in self.frontier.files:  # hash again from the start on another worker
+            if fname not in self.hasher and fname not in self.to_seal and fname not in sealed:
+                self._advance_hash(fname, None)
+        self._replace()
 
-    def stats_sealed_files(self) -> set:
-        return set(self.stats.sealed.get(0, {}))
-
-    def _requeue(self, kind, payload, err: str, started: bool = True) -> None:
-        if kind == "seal":  # seal again on any worker: the bytes are on the shared output path
-            self.to_seal.append(payload)
+    def _requeue(self, call: Pending, err: str, started: bool = True) -> None:
+        if isinstance(call, SealCall):  # seal again on any worker: the bytes are on the shared output path
+            self.to_seal.append(call.file)
             return
-        task: Task = payload
+        task: Task = call.task
         if not started:
             self.attempts[task.id] -= 1
         else:
@@ -345,10 +337,7 @@ class Scheduler:
             raise MergeFailed(f"task {task.id} ({task.file} bytes {task.begin}-{task.end}) failed "
                               f"{self.attempts[task.id]} times (--max-attempts {self.max_attempts}); last error: "
                               f"{self.last_error.get(task.id, err)}")
-        self.todo[task.file].appendleft(task)
-        self.owner.pop(task.file, None)
-        if task.file not in self.unclaimed:
-            self.unclaimed.appendleft(task.file)
+        self.files.give_back(task)
 
 
 def _first_line(err: BaseException) -> str:
