@@ -39,7 +39,7 @@ def build_plan(spec: MergeSpec) -> tuple[Plan, ModelIndex, ModelIndex]:
 
 
 def fingerprint(plan: Plan, spec: MergeSpec) -> str:
-    """What must match for a rerun to resume: inputs (names, sizes, mtimes), alpha, and the output layout."""
+    """What must match for a rerun to resume: inputs (see _input_identity), alpha, and the output layout."""
     files = sorted({s.a_file for t in plan.tasks for s in t.segments}
                    | {s.s_file for t in plan.tasks for s in t.segments if s.s_file})
     doc = {

@@ -321,3 +321,19 @@ def test_sigterm_exits_143_wherever_it_lands(pair, tmp_path, after):
     assert stderr.strip().splitlines()[-1].startswith("expo-dist: terminated"), stderr[-3000:]
     assert "Traceback" not in stderr
     assert not (tmp_path / "out" / "expo_manifest.json").exists()
+
+
+def test_staging_never_truncates_through_a_link_in_the_work_folder(pair, tmp_path):
+    from expo_dist.output.finalize import create_shards
+
+    spec = MergeSpec(sft=str(pair[0]), aligned=str(pair[1]), alpha=ALPHA, out=str(tmp_path / "out"),
+                     max_task_bytes="1MiB", max_shard_size="3MB").validate()
+    plan, _, _ = build_plan(spec)
+    wdir = tmp_path / "out" / ".expo"
+    wdir.mkdir(parents=True)
+    precious = tmp_path / "precious.bin"
+    precious.write_bytes(b"years of work")
+    (wdir / plan.shards[0].file).symlink_to(precious)
+    with pytest.raises(OSError):
+        create_shards(plan, str(wdir))
+    assert precious.read_bytes() == b"years of work"

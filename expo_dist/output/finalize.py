@@ -48,11 +48,14 @@ def create_shards(plan: Plan, wdir: str, keep: set[str] = frozenset()) -> None:
     os.makedirs(wdir, exist_ok=True)
     for shard in plan.shards:
         path = os.path.join(wdir, shard.file)
-        if shard.file in keep and os.path.exists(path) and os.path.getsize(path) == shard.layout.size:
+        if shard.file in keep and os.path.isfile(path) and not os.path.islink(path) \
+                and os.path.getsize(path) == shard.layout.size:
             with open(path, "rb") as f:
                 if f.read(len(shard.layout.header)) == shard.layout.header:
                     continue
-        with open(path, "wb") as f:
+        # never through a link someone left in the work folder: that would truncate its target (ELOOP instead)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "wb") as f:
             f.write(shard.layout.header)
             f.truncate(shard.layout.size)
 

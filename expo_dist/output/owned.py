@@ -15,6 +15,7 @@ import stat
 
 from ..errors import ExpoError
 from ..formats.folder import CARD, INDEX, MANIFEST, SHARD, WORK
+from ..formats.jsonsafe import load_file
 from ..runtime.fileio import atomic_write
 from .journal import JOURNAL, PLAN
 from .lock import LEASE
@@ -34,10 +35,10 @@ def plain_name(name) -> bool:
 
 
 def _json(path: str):
+    """A record of ours, or None where it is missing or damaged (then its names are simply not ours)."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(1 << 24))
-    except (OSError, ValueError, RecursionError):
+        return load_file(path, path)
+    except ExpoError:
         return None
 
 

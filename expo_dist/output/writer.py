@@ -75,6 +75,7 @@ class LocalWriter:
         check_out_dir(out, inputs)
         self.out, self.out_dirs, self.plan, self.aligned_root = out, list(out_dirs), plan, aligned_root
         self.overwrite = overwrite
+        self.side = side_files(aligned_root)  # the aligned model's side files that go into each output
         self.journal: Journal | None = None
         self.lock: OutputLock | None = None
 
@@ -99,7 +100,7 @@ class LocalWriter:
                     self._resume_or_clear(journal, fingerprint)
                 if not journal.exists():
                     journal.start(fingerprint)
-                names = output_names(self.plan, side_files(self.aligned_root))
+                names = output_names(self.plan, self.side)
                 for d in self.out_dirs:
                     os.makedirs(work_dir(d), exist_ok=True)
                     record_names(d, names)
@@ -135,6 +136,7 @@ class LocalWriter:
         """Refuse to start when the output disk cannot hold what is left to write (staged shards are sparse:
         the blocks they already have count as written)."""
         need = 0
+        side_bytes = sum(os.path.getsize(os.path.join(self.aligned_root, f)) for f in self.side)
         for wdir in self.targets:
             need += 1 << 20  # manifest, card, index, journal
             for shard in self.plan.shards:
@@ -144,7 +146,7 @@ class LocalWriter:
                 except OSError:
                     have = 0
                 need += max(0, shard.layout.size - have)
-            need += sum(os.path.getsize(os.path.join(self.aligned_root, f)) for f in side_files(self.aligned_root))
+            need += side_bytes
         st = os.statvfs(self.targets[0])
         free = st.f_bavail * st.f_frsize
         if st.f_blocks and free < need:  # f_blocks == 0: the filesystem does not say

@@ -91,14 +91,10 @@ def _own_sigterm(keep: bool):
 
 
 def _stop_quietly() -> None:
-    import ray
-
     try:
         shutdown()
     except Exception as e:  # noqa: BLE001 - already unwinding from the real error
         log.debug("ray shutdown after a failed start: %s", e)
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def shutdown() -> None:
