@@ -74,12 +74,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .merge import build_plan
+    from .merge import build_plan, settings_for
     from .planning.report import plan_report
 
     spec = _spec(args).validate(need_out=False)
-    plan, _, _ = build_plan(spec)
-    report = plan_report(plan, spec)
+    settings = settings_for(spec)
+    plan, _, _ = build_plan(spec, settings)
+    report = plan_report(plan, spec, settings.slots)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -18,6 +18,7 @@ from .planning.plan import Plan, make_plan, tensor_sources
 from .planning.rules import alphas_for, unused
 from .runtime.scheduler import Scheduler
 from .runtime.session import Progress, connect, shutdown
+from .settings import Settings
 from .sources.index import ModelIndex, index_model
 from .sources.refs import is_ref
 from .spec import MergeSpec
@@ -25,9 +26,16 @@ from .spec import MergeSpec
 log = logging.getLogger("expo_dist")
 
 
-def build_plan(spec: MergeSpec) -> tuple[Plan, ModelIndex, ModelIndex]:
+def settings_for(spec: MergeSpec) -> Settings:
+    """The merge's settings, made once on the driver: the config's (--io, YAML) over the environment's (EXPO_*)."""
+    return Settings.from_env({"io": spec.io})
+
+
+def build_plan(spec: MergeSpec, settings: Settings | None = None) -> tuple[Plan, ModelIndex, ModelIndex]:
+    settings = settings if settings is not None else settings_for(spec)
     cache_dir = getattr(spec, "cache_dir", None)
-    sft, aligned = index_model(spec.sft, cache_dir), index_model(spec.aligned, cache_dir)
+    sft = index_model(spec.sft, cache_dir, settings.hub_attempts)
+    aligned = index_model(spec.aligned, cache_dir, settings.hub_attempts)
     rules = spec.rules()
     plan = make_plan(tensor_sources(sft), tensor_sources(aligned), alpha_for=alphas_for(spec.alphas, rules),
                      sft_config=sft.config, aligned_config=aligned.config,
@@ -71,22 +79,25 @@ def prepare_output(spec: MergeSpec, plan: Plan, aligned_root: str) -> LocalWrite
     return writer
 
 
-def run(spec: MergeSpec, progress: bool = True) -> dict:
+def run(spec: MergeSpec, progress: bool = True, settings: Settings | None = None) -> dict:
+    """settings: as settings_for(spec) makes them when None."""
     spec.validate()
-    plan, sft, aligned = build_plan(spec)
+    settings = settings if settings is not None else settings_for(spec)
+    plan, sft, aligned = build_plan(spec, settings)
     for w in plan.warnings:
         log.warning("%s", w)
     check_terminated()
     writer = prepare_output(spec, plan, aligned.root)
     try:
-        return _run(spec, plan, writer, progress, {"sft": sft.origin, "aligned": aligned.origin})
+        return _run(spec, settings, plan, writer, progress, {"sft": sft.origin, "aligned": aligned.origin})
     except OSError as e:  # the output disk filled up or went read-only under us
         raise MergeFailed(writer.error_line(e)) from None
     finally:
         writer.release()
 
 
-def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool, inputs: dict[str, dict]) -> dict:
+def _run(spec: MergeSpec, settings: Settings, plan: Plan, writer: OutputWriter, progress: bool,
+         inputs: dict[str, dict]) -> dict:
     outs = spec.out_dirs()
     done = writer.done_tasks()
     if done:
@@ -99,7 +110,7 @@ def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool, inpu
     try:
         check_terminated()
         sched = Scheduler(plan, writer.targets, spec.workers, spec.max_attempts, skip=done, on_done=writer.record,
-                          cache_dir=spec.cache_dir, io=spec.io, device=spec.device)
+                          cache_dir=spec.cache_dir, settings=settings, device=spec.device)
         left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
         stats = sched.run(Progress(left, per_task=len(outs)) if progress else None)
     finally:
@@ -121,7 +132,7 @@ def _run(spec: MergeSpec, plan: Plan, writer: OutputWriter, progress: bool, inpu
     infos = [RunInfo(
         sft=spec.sft, aligned=spec.aligned, alpha=alpha, alpha_rules=[r.describe() for r in spec.rules()],
         inputs=inputs, sweep=list(spec.alphas) if spec.sweep else None,
-        settings={"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": spec.io,
+        settings={"max_task_bytes": spec.max_task_bytes, "max_shard_size": spec.max_shard_size, "io": settings.io,
                   "device": spec.device},
         tasks=len(plan.tasks), tasks_resumed=len(done), task_attempts=stats.attempts, workers=stats.workers,
         nonfloat_differs=sorted(stats.differs), nonfinite_out=stats.nonfinite_out, nonfinite_in=stats.nonfinite_in,

@@ -213,7 +213,7 @@ class MergeSpec:
     max_attempts: int = 4
     cache_dir: str | None = None  # Hugging Face Hub cache for Hub sources (default: HF_HUB_CACHE / HF_HOME)
     alpha_rules: list | None = None  # per-tensor alpha: see expo_dist.rules
-    io: str | None = None  # auto | direct | buffered (None: EXPO_IO, else auto); see expo_dist.fileio
+    io: str | None = None  # auto | direct | buffered (None: EXPO_IO, else auto: merge.settings_for)
     device: str = "auto"  # auto | cuda | cpu: see DEVICE_HELP
 
     @property
@@ -257,9 +257,6 @@ class MergeSpec:
             self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
-        from .runtime.fileio import io_mode
-
-        self.io = io_mode(self.io)
         for key in ("sft", "aligned"):
             val = os.path.expanduser(getattr(self, key))
             if os.path.exists(val):

@@ -62,8 +62,8 @@ def test_self_check_passes_the_right_kernel_on_a_few_thousand_elements_per_dtype
     assert {c[6] for c in cases} >= {0.5, 0.5 + 2.0 ** -30}  # ties, and just past them (double rounding)
     rep = self_check("cpu")  # the torch ops against the C kernel (where built)
     assert rep["elements"] == sum(per_dtype.values()) and rep["cases"] == len(cases)
-    monkeypatch.setenv("EXPO_KERNEL", "torch")  # no C kernel: the torch ops on the CPU are the reference
-    assert self_check("cpu")["reference"] == "torch ops on the CPU"
+    # no C kernel (Settings.kernel "torch"): the torch ops on the CPU are the reference
+    assert self_check("cpu", use_c=False)["reference"] == "torch ops on the CPU"
 
 
 @pytest.mark.parametrize("out_dtype,element,bit", [("BF16", 0, 0), ("F16", 77, 3), ("F32", 1500, 7),

@@ -9,6 +9,7 @@ from expo_dist.output.finalize import create_shards
 from expo_dist.planning.plan import COPY
 from expo_dist.planning.windows import windows
 from expo_dist.runtime.runner import Runner
+from expo_dist.settings import Settings
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact
 from expo_dist.testing.synth import make_pair
@@ -105,10 +106,9 @@ def test_direct_and_page_cache_io_give_the_same_bytes(plan_and_pair, tmp_path, m
     plan, sft, aligned = plan_and_pair
     outs = {}
     for mode in ("direct", "buffered"):
-        monkeypatch.setenv("EXPO_IO", mode)
         out = tmp_path / mode
         evict(sft, aligned)  # inputs the page cache holds are read from there (next test)
-        runner = run_all(plan, out, chunk_bytes=chunk, direct_min=0)
+        runner = run_all(plan, out, chunk_bytes=chunk, direct_min=0, settings=Settings(io=mode))
         io = runner.io
         # every input byte the plan reads (plus the SFT side of copied non-float tensors, read to compare)
         assert plan.bytes_read <= io["direct_read"] + io["cached_read"] <= plan.bytes_read + 4096
@@ -153,7 +153,7 @@ def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, mo
     from expo_dist.runtime.fileio import resident_prefix
 
     plan, sft, aligned = plan_and_pair
-    monkeypatch.setenv("EXPO_IO", "direct")
+    direct = Settings(io="direct")
     evict(sft, aligned)
     first = sorted(f for f in os.listdir(aligned) if f.endswith(".safetensors"))[0]
     fd = os.open(os.path.join(aligned, first), os.O_RDONLY)
@@ -164,7 +164,7 @@ def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, mo
     finally:
         os.close(fd)
     out = tmp_path / "hot"
-    runner = run_all(plan, out, chunk_bytes=1 << 20, direct_min=0)
+    runner = run_all(plan, out, chunk_bytes=1 << 20, direct_min=0, settings=direct)
     if runner.no_direct:
         pytest.skip("this file system refuses O_DIRECT")
     total = runner.io["cached_read"] + runner.io["direct_read"]
@@ -175,7 +175,7 @@ def test_direct_reads_take_what_the_page_cache_holds(plan_and_pair, tmp_path, mo
         for f in os.listdir(folder):
             (folder / f).read_bytes()
     out2 = tmp_path / "all-hot"
-    runner = run_all(plan, out2, chunk_bytes=1 << 20, direct_min=0)
+    runner = run_all(plan, out2, chunk_bytes=1 << 20, direct_min=0, settings=direct)
     assert runner.io["direct_read"] == 0 and runner.io["cached_read"] == total, runner.io
     assert {s.file: (out2 / s.file).read_bytes() for s in plan.shards} == hot
     evict(out)
@@ -193,7 +193,7 @@ def assert_exact_folder(out, plan, sft, aligned):
 
 def test_torch_path_writes_the_same_bytes_as_the_c_path(plan_and_pair, tmp_path, monkeypatch):
     """A CPU worker with the C kernel never imports torch (raw bytes in numpy buffers); without it (or with
-    EXPO_KERNEL=torch, or on a GPU) the same windows go through torch ops: same bytes."""
+    Settings.kernel "torch", i.e. EXPO_KERNEL=torch, or on a GPU) the same windows go through torch ops: same bytes."""
     from expo_dist.runtime import ckernel
 
     plan = plan_and_pair[0]
@@ -201,8 +201,7 @@ def test_torch_path_writes_the_same_bytes_as_the_c_path(plan_and_pair, tmp_path,
         pytest.skip("C kernel not built in this install")
     outs = {}
     for mode in ("", "torch"):
-        monkeypatch.setenv("EXPO_KERNEL", mode)
         out = tmp_path / (mode or "c")
-        assert run_all(plan, out, chunk_bytes=64 << 10).c_path == (mode == "")
+        assert run_all(plan, out, chunk_bytes=64 << 10, settings=Settings(kernel=mode)).c_path == (mode == "")
         outs[mode] = {s.file: (out / s.file).read_bytes() for s in plan.shards}
     assert outs[""] == outs["torch"]

@@ -5,9 +5,9 @@ A worker process killed mid-task and a node removed mid-merge: the merge finishe
 A task that kills its worker every time: the merge fails after --max-attempts runs with a line naming the
 task and the last error, leaves nothing that looks complete, and the same command then resumes.
 
-Faults are injected with the test-only hooks in expo_dist/runtime/worker.py: EXPO_TEST_FAULTS names a JSON file,
-re-read before every task, with a per-task delay (so there is a "mid-merge" to hit) and task ids whose
-worker exits at once.
+Faults are injected with the test-only hooks of tests/faulthooks.py (EXPO_TEST_HOOKS names them; the driver puts
+them in the Settings every worker gets): EXPO_TEST_FAULTS names a JSON file, re-read before every task, with a
+per-task delay (so there is a "mid-merge" to hit) and task ids whose worker exits at once.
 """
 
 import json
@@ -16,13 +16,13 @@ import signal
 import threading
 import time
 
+import faulthooks
 import psutil
 import pytest
 from clusters import three_node_cluster
 
 from expo_dist.cli import main
 from expo_dist.merge import run
-from expo_dist.runtime.worker import TEST_FAULTS_ENV
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_same
 from expo_dist.testing.synth import make_pair
@@ -46,7 +46,13 @@ def faults(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(faults):
-    with three_node_cluster({TEST_FAULTS_ENV: str(faults.path)}) as c:
+    hooks = faulthooks.env(faults=faults.path)
+    # the faults file: in the nodes' environment (their workers read it); the hooks: in the driver's (this process
+    # builds each merge's Settings, here and in main())
+    with three_node_cluster({faulthooks.FAULTS_ENV: hooks.pop(faulthooks.FAULTS_ENV)}) as c, \
+            pytest.MonkeyPatch.context() as mp:
+        for k, v in hooks.items():
+            mp.setenv(k, v)
         yield c
 
 

@@ -72,7 +72,7 @@ def _typed_ok(spec) -> None:
     assert type(spec.max_task_bytes) is int and (1 << 20) <= spec.max_task_bytes <= MAX_SIZE
     assert type(spec.max_shard_size) is int and 1 <= spec.max_shard_size <= MAX_SIZE
     assert type(spec.overwrite) is bool
-    assert spec.io in IO_MODES and spec.device in DEVICES
+    assert spec.io in (None, *IO_MODES) and spec.device in DEVICES  # io None: the environment's (Settings)
     assert spec.alpha_rules is None or isinstance(spec.alpha_rules, list)
     spec.rules()
 

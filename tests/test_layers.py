@@ -22,7 +22,7 @@ PKG = ROOT / "expo_dist"
 
 # bottom to top; "top" is cli, merge, spec and the package's own __init__; nothing in the package imports testing
 LAYERS = ("errors", "formats", "sources", "planning", "runtime", "output", "verify", "top", "testing")
-BOTTOM = {"errors", "_version"}
+BOTTOM = {"errors", "_version", "settings"}
 TOP = {"spec", "merge", "cli"}
 
 

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 
+import faulthooks
 import psutil
 import pytest
 
 from expo_dist.cli import main
 from expo_dist.merge import run
 from expo_dist.output.journal import Journal
-from expo_dist.runtime.worker import TEST_DELAY_ENV
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_same, weights
 from expo_dist.testing.synth import make_pair
@@ -77,7 +77,7 @@ def start_mid_merge(pair, out):
     """`expo-dist merge` as a subprocess (its own embedded Ray), returned once 5 tasks are journaled, with the
     processes it started."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[TEST_DELAY_ENV] = "0.3"  # test-only: each task takes >= 0.3 s, so there is a "mid-merge"
+    env.update(faulthooks.env(delay=0.3))  # test-only: each task takes >= 0.3 s, so there is a "mid-merge"
     p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *argv(pair, out)], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.monotonic()
@@ -151,7 +151,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_resumes(pair, baseline, tmp_path):
 
 
 def check_rerun(pair, out, entries, baseline):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TEST_DELAY_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *faulthooks.env(delay=0))}
     r = subprocess.run([sys.executable, "-m", "expo_dist.cli", *argv(pair, out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ..settings import Settings
 from .plan import Plan
-from .windows import CHUNK_BYTES, SLOTS
+from .windows import CHUNK_BYTES
 
 
-def plan_report(plan: Plan, spec) -> dict:
+def plan_report(plan: Plan, spec, slots: int = Settings.slots) -> dict:
+    """slots: windows in flight per worker (Settings.slots)."""
     ops = Counter(d.op for d in plan.decisions.values())
     largest = max((t.nbytes for t in plan.tasks), default=0)
     return {
@@ -25,8 +27,8 @@ def plan_report(plan: Plan, spec) -> dict:
         "bytes_written": plan.bytes_written * plan.n_out,
         "tasks": len(plan.tasks),
         "largest_task_bytes": largest,
-        # per worker: SLOTS windows of (aligned input + SFT input + one buffer per output), bf16 inputs
-        "worker_buffer_bytes": SLOTS * (2 + plan.n_out) * CHUNK_BYTES,
+        # per worker: `slots` windows of (aligned input + SFT input + one buffer per output), bf16 inputs
+        "worker_buffer_bytes": slots * (2 + plan.n_out) * CHUNK_BYTES,
         "shards": [{"file": s.file, "bytes": s.layout.size, "tensors": len(s.layout.tensors)} for s in plan.shards],
         "warnings": plan.warnings,
     }

@@ -8,7 +8,6 @@ congruent to its file offset modulo ALIGN, so the block-aligned superset of the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..formats.dtypes import itemsize
@@ -16,10 +15,6 @@ from .plan import Task
 
 ALIGN = 4096  # bytes: the block of direct I/O (covers every common device); runtime.fileio reads and writes by it
 CHUNK_BYTES = 16 << 20  # output bytes per window
-# Windows in flight per worker: while one computes, the next SLOTS - 1 are read (by as many threads). More than
-# 2 gave the disk more requests at once but made the merge slower on the 2-core machine we measured (6.7 s
-# against 6.1 s for the benchmark pair with SLOTS=4); EXPO_SLOTS tries other values.
-SLOTS = max(2, int(os.environ.get("EXPO_SLOTS", "2")))
 
 
 def align_up(n: int) -> int:

@@ -2,12 +2,10 @@
 
 It works on raw bytes (anything with the buffer protocol) and dtype codes, so a CPU worker that has it needs
 neither torch nor its ~0.8 s import and ~250 MiB of resident memory. Same bytes as kernel.Kernel's torch ops.
-EXPO_KERNEL=torch turns it off (the torch ops run instead; tests compare the two).
+Settings.kernel = "torch" (EXPO_KERNEL=torch) has the workers run the torch ops instead (tests compare the two).
 """
 
 from __future__ import annotations
-
-import os
 
 from ..formats.dtypes import KERNEL_FLOATS
 
@@ -20,7 +18,8 @@ CODES = {name: code for code, name in enumerate(KERNEL_FLOATS)}  # the C kernel'
 
 
 def available() -> bool:
-    return _ckernel is not None and os.environ.get("EXPO_KERNEL", "") != "torch"
+    """Whether the C kernel is built in this install."""
+    return _ckernel is not None
 
 
 def extrapolate(a, a_dtype: str, s, s_dtype: str, out, out_dtype: str, alpha: float) -> int:

@@ -3,9 +3,9 @@ atomic writes of small files (the one place for them). Positional reads: formats
 
 Direct I/O (O_DIRECT) moves data between the disk and our buffers without the page cache. It needs the file
 offset, the length and the buffer address to be multiples of the block size (ALIGN covers every common
-device). EXPO_IO chooses: "auto" (the default) uses it on local block-device file systems (ext4, xfs,
-btrfs) and the page cache elsewhere (network and parallel file systems, tmpfs); "direct" tries it
-everywhere (falling back per file where it is refused); "buffered" never uses it.
+device). The io setting (Settings.io: --io, else EXPO_IO) chooses: "auto" (the default) uses it on local
+block-device file systems (ext4, xfs, btrfs) and the page cache elsewhere (network and parallel file systems,
+tmpfs); "direct" tries it everywhere (falling back per file where it is refused); "buffered" never uses it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import errno
 import functools
 import os
 
-from ..errors import ExpoError, MergeFailed
+from ..errors import MergeFailed
 from ..planning.windows import ALIGN  # the block size: windows are cut to it
+from ..settings import check
 
-IO_ENV = "EXPO_IO"
 DIRECT_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs"}
 
 
@@ -38,12 +38,8 @@ def aligned_empty(n: int, pin: bool = False):
 
 
 def io_mode(mode: str | None = None) -> str:
-    """The I/O mode: the one given (--io), else EXPO_IO, else auto."""
-    where = "--io" if mode else IO_ENV
-    mode = (mode or os.environ.get(IO_ENV, "auto")).strip().lower() or "auto"
-    if mode not in ("auto", "direct", "buffered"):
-        raise ExpoError(f"{where} {mode!r}: give auto, direct or buffered")
-    return mode
+    """The I/O mode given (Settings.io), checked; None: auto."""
+    return check("io", mode or "auto", "--io")
 
 
 @functools.lru_cache(maxsize=256)

@@ -2,10 +2,10 @@
 
 A task's output range is cut into windows (windows.py). Three stages overlap: a reader thread fills the
 input slots of window w+1 with positional reads while the calling thread computes window w and a writer
-thread writes window w-1 (positional writes, CRC-32). Memory is two slots of fixed size, whatever the size
-of the model or of the task.
+thread writes window w-1 (positional writes, CRC-32). Memory is Settings.slots (2) slots of fixed size, whatever
+the size of the model or of the task.
 
-Direct I/O (fileio.direct_ok: local block-device file systems, or EXPO_IO=direct): large reads and the
+Direct I/O (fileio.direct_ok: local block-device file systems, or Settings.io "direct"): large reads and the
 block-aligned middle of each write bypass the page cache, which on many machines moves data several times
 faster than the page cache does, and leaves the cache to the OS's other users. For that, every byte sits in
 the slot buffers at an address congruent to its file offset modulo ALIGN, window ends are ALIGN-aligned,
@@ -29,7 +29,8 @@ from ..errors import MergeFailed
 from ..formats.dtypes import itemsize
 from ..formats.reader import pread_into
 from ..planning.plan import COPY, EXTRAPOLATE, Task
-from ..planning.windows import ALIGN, CHUNK_BYTES, SLOTS, Run, Window, align_down, align_up, windows
+from ..planning.windows import ALIGN, CHUNK_BYTES, Run, Window, align_down, align_up, windows
+from ..settings import Settings
 from ..sources.fetch import local_path
 from . import ckernel
 from .fileio import aligned_empty, direct_ok, io_mode, open_direct, pwrite_all, resident_prefix
@@ -41,7 +42,6 @@ try:
     from ._ckernel import start_writeback
 except ImportError:  # pragma: no cover - no C extension: leave writeback to the OS
     start_writeback = None
-WRITEBACK = os.environ.get("EXPO_WRITEBACK", "throttle")  # throttle | async | off
 
 
 @dataclass
@@ -79,14 +79,17 @@ class Runner:
 
     def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
                  max_fds: int = 64, cache_dir: str | None = None, direct_min: int = DIRECT_MIN,
-                 io: str | None = None, kernel=None):
+                 settings: Settings | None = None, kernel=None):
+        """settings: io, slots, writeback, kernel, hub_attempts (settings.Settings; the defaults when None)."""
+        self.settings = settings = settings if settings is not None else Settings()
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.device = str(device)
         # CPU with the C kernel: raw bytes in numpy buffers, no torch at all. Otherwise (a GPU, or no C
-        # kernel, or EXPO_KERNEL=torch) the torch ops of kernel.Kernel; or the kernel given (a kernel.Kernel
+        # kernel, or Settings.kernel "torch") the torch ops of kernel.Kernel; or the kernel given (a kernel.Kernel
         # on this device: the tests give one that writes wrong bytes, to see the worker's self-check catch it).
-        self.c_path = kernel is None and self.device == "cpu" and ckernel.available()
+        use_c = settings.kernel != "torch"
+        self.c_path = kernel is None and self.device == "cpu" and use_c and ckernel.available()
         self.kernel = kernel
         if not self.c_path and kernel is None:
             import torch
@@ -95,12 +98,15 @@ class Runner:
 
             if self.device == "cpu":
                 torch.set_num_threads(1)  # one worker per core
-            self.kernel = Kernel(torch.device(self.device))
+            self.kernel = Kernel(torch.device(self.device), use_c=use_c)
         self.chunk = max(8, chunk_bytes)
         self.direct_min = direct_min
-        self.io_mode = io_mode(io)
+        self.io_mode = io_mode(settings.io)
+        self.writeback = settings.writeback
+        self.hub_attempts = settings.hub_attempts
         pin = self.device.startswith("cuda")
-        self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(SLOTS)]
+        self.n_slots = settings.slots
+        self.slots = [Slot(self.chunk, pin, len(self.out_dirs)) for _ in range(self.n_slots)]
         self.max_fds = max_fds
         self.local = threading.local()  # each reader thread keeps its own descriptors (never closed under another)
         self.all_rfds: list[OrderedDict] = []
@@ -108,7 +114,7 @@ class Runner:
         self.lock = threading.Lock()
         self.no_direct: set[str] = set()  # files where O_DIRECT was refused: page cache from then on
         self.direct_files: dict[str, bool] = {}  # file -> direct I/O wanted for it (fileio.direct_ok)
-        self.reader = ThreadPoolExecutor(max(1, SLOTS - 1), thread_name_prefix="expo-read")
+        self.reader = ThreadPoolExecutor(max(1, self.n_slots - 1), thread_name_prefix="expo-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="expo-write")
         self.written: list[tuple[int, int, int]] = []
         self.io = {"direct_read": 0, "cached_read": 0, "direct_write": 0, "cached_write": 0}  # bytes
@@ -119,7 +125,7 @@ class Runner:
         key = (path, direct)
         fd = fds.pop(key, None)
         if fd is None:
-            local = path if write else local_path(path, self.cache_dir)
+            local = path if write else local_path(path, self.cache_dir, self.hub_attempts)
             flags = os.O_WRONLY if write else os.O_RDONLY
             try:
                 fd = open_direct(local, flags) if direct else os.open(local, flags)
@@ -156,7 +162,8 @@ class Runner:
             return False
         ok = self.direct_files.get(path)
         if ok is None:
-            ok = self.direct_files[path] = direct_ok(local_path(path, self.cache_dir), self.io_mode)
+            ok = self.direct_files[path] = direct_ok(local_path(path, self.cache_dir, self.hub_attempts),
+                                                          self.io_mode)
         return ok
 
     def close(self) -> None:
@@ -172,19 +179,19 @@ class Runner:
         res = TaskResult(task.id, task.nbytes, [0] * k_out)
         out_paths = [os.path.join(d, task.file) for d in self.out_dirs]
         wins = windows(task, self.chunk)
-        reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % SLOTS])
-                 for w in range(min(SLOTS, len(wins)))}
+        n = self.n_slots
+        reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % n]) for w in range(min(n, len(wins)))}
         writes = {}
         crc = res.crc32s
         try:
             for w, win in enumerate(wins):
-                slot = self.slots[w % SLOTS]
+                slot = self.slots[w % n]
                 reads.pop(w).result()
-                if w - SLOTS in writes:
-                    writes.pop(w - SLOTS).result()  # slot's output buffer is free again
+                if w - n in writes:
+                    writes.pop(w - n).result()  # slot's output buffer is free again
                 self._compute(win, slot, res)
-                if w + SLOTS < len(wins):
-                    reads[w + SLOTS] = self.reader.submit(self._read, wins[w + SLOTS], self.slots[(w + SLOTS) % SLOTS])
+                if w + n < len(wins):
+                    reads[w + n] = self.reader.submit(self._read, wins[w + n], self.slots[(w + n) % n])
                 writes[w] = self.writer.submit(self._write, out_paths, win, slot, crc)
             for f in writes.values():
                 f.result()
@@ -275,10 +282,10 @@ class Runner:
 
     def _writeback(self, fd: int, pos: int, n: int) -> None:
         """Keep the disk writing from the first window on, and bound this worker's dirty pages."""
-        if start_writeback is None or WRITEBACK == "off":
+        if start_writeback is None or self.writeback == "off":
             return
         start_writeback(fd, pos, n, False)
-        if WRITEBACK == "throttle":
+        if self.writeback == "throttle":
             self.written.append((fd, pos, n))
             if len(self.written) > WRITEBACK_LAG:
                 old = self.written.pop(0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ExpoError, MergeFailed, check_terminated
 from ..planning.plan import Plan, Task
+from ..settings import Settings
 from ..sources.refs import is_ref
 from .filestate import FileOwnership, HashFrontier
 from .session import Progress
@@ -82,14 +83,16 @@ class Scheduler:
 
     def __init__(self, plan: Plan, out_dirs: str | list[str], workers: int | None, max_attempts: int,
                  skip: set[int] = frozenset(), on_done: Callable | None = None, cache_dir: str | None = None,
-                 io: str = "auto", device: str = "auto", worker_args: dict | None = None):
+                 settings: Settings | None = None, device: str = "auto", worker_args: dict | None = None):
         """device: auto (a worker per GPU where the cluster has GPUs, else one per CPU), cuda (GPUs or fail),
-        cpu (never ask for a GPU). worker_args: more keyword arguments for every MergeWorker (self_check,
-        kernel: the tests inject a faulty kernel this way)."""
+        cpu (never ask for a GPU). settings: the merge's settings.Settings (made once on the driver; the defaults
+        when None), handed to every worker. worker_args: more keyword arguments for every MergeWorker
+        (self_check, kernel: the tests inject a faulty kernel this way)."""
         import ray
 
         self.ray = ray
-        self.plan, self.max_attempts, self.cache_dir, self.io = plan, max_attempts, cache_dir, io
+        self.plan, self.max_attempts, self.cache_dir = plan, max_attempts, cache_dir
+        self.settings = settings if settings is not None else Settings()
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
         self.on_done = on_done
         files = [s.file for s in plan.shards]
@@ -120,7 +123,7 @@ class Scheduler:
         env = worker_env() if self.hub else {}
         opts = dict(runtime_env={"env_vars": env}) if env else {}
         return MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **opts, **self.opts).remote(
-            self.out_dirs, self.device, self.cache_dir, self.io, **self.worker_args)
+            self.out_dirs, self.device, self.cache_dir, self.settings, **self.worker_args)
 
     def _start_actors(self, k: int) -> None:
         new = [self._spawn() for _ in range(k)]

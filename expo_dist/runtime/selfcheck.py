@@ -197,9 +197,11 @@ def check_cases() -> list[tuple]:
     return cases
 
 
-def self_check(device: str | torch.device = "cuda", kernel: Kernel | None = None, cases: list | None = None) -> dict:
+def self_check(device: str | torch.device = "cuda", kernel: Kernel | None = None, cases: list | None = None,
+               use_c: bool = True) -> dict:
     """Prove a kernel writes, byte for byte, what the CPU kernel writes (the C kernel where it is built and
-    on, else the torch ops on the CPU) for the cases of check_cases(): a few thousand elements per dtype.
+    use_c, i.e. Settings.kernel is not "torch"; else the torch ops on the CPU) for the cases of check_cases():
+    a few thousand elements per dtype.
 
     kernel: the kernel under test (anything with Kernel.extrapolate_raw), by default Kernel(device) with its
     torch ops (on a CPU too, where it is then checked against the C kernel). Its inputs and outputs are in
@@ -210,7 +212,7 @@ def self_check(device: str | torch.device = "cuda", kernel: Kernel | None = None
     t0 = time.perf_counter()
     kernel = kernel if kernel is not None else Kernel(device, use_c=False)
     pin = torch.device(kernel.device).type == "cuda"
-    use_c = ckernel.available()
+    use_c = use_c and ckernel.available()
     ref_kernel = None if use_c else Kernel("cpu", use_c=False)
     elements = 0
     cases = check_cases() if cases is None else cases

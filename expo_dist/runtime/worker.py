@@ -2,38 +2,34 @@
 
 from __future__ import annotations
 
-import json
+import importlib
+import importlib.util
 import os
 import socket
-import time
 
 import ray
 
 from ..errors import ExpoError, MergeFailed
+from ..settings import Settings
 from .hashing import FileHasher
 
-# Test-only fault injection for tests/test_faults.py and tests/test_resume.py; never set in production.
-# EXPO_TEST_TASK_DELAY=seconds: each task sleeps after writing its bytes and before reporting back, so a test
-#   can kill a worker, a node or the driver mid-merge.
-# EXPO_TEST_FAULTS=path of a JSON file, re-read before every task (a test changes it between merges that share
-#   one Ray): {"delay": seconds, "crash": [task ids whose worker process exits at once, before writing]}.
-TEST_DELAY_ENV = "EXPO_TEST_TASK_DELAY"
-TEST_FAULTS_ENV = "EXPO_TEST_FAULTS"
 
-
-def _test_faults(task_id: int, default_delay: float) -> float:
-    """Test-only (see above): crash this process if told to; return the delay for this task."""
-    path = os.environ.get(TEST_FAULTS_ENV)
-    if not path:
-        return default_delay
-    try:
-        with open(path, encoding="utf-8") as f:
-            faults = json.load(f)
-    except (OSError, ValueError):
-        return default_delay
-    if task_id in faults.get("crash", ()):
-        os._exit(17)
-    return float(faults.get("delay", default_delay))
+def load_hooks(spec: str | None):
+    """Settings.test_hooks, made: "FILE.py:NAME" (a file, loaded by path) or "package.module:NAME"; NAME() is an
+    object with before(task) and after(task, result), which the worker calls around each task. Tests use it to
+    slow tasks down and crash workers (tests/faulthooks.py); None (production): no hooks."""
+    if not spec:
+        return None
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py") or os.sep in where:
+        mod_spec = importlib.util.spec_from_file_location("expo_test_hooks", where)
+        if mod_spec is None:
+            raise ExpoError(f"test hooks {spec!r}: {where} is not a Python file")
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)()
 
 
 def node_name() -> str:
@@ -95,21 +91,22 @@ class MergeWorker:
     """self_check: prove the kernel first (selfcheck.self_check), and report a failure from info() rather than
     take tasks; None: on a GPU. kernel: a factory device -> kernel.Kernel to use instead of the default (tests
     give one that writes a wrong byte). A GPU worker that cannot start or fails its check does not raise
-    here (Ray would print the traceback and keep only the text): info() carries the one line instead."""
+    here (Ray would print the traceback and keep only the text): info() carries the one line instead.
+    settings: the merge's settings.Settings, made once on the driver (this process reads no EXPO_* variable)."""
 
-    def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None, io: str = "auto",
-                 self_check: bool | None = None, kernel=None):
+    def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None,
+                 settings: Settings | None = None, self_check: bool | None = None, kernel=None):
         from .runner import Runner
 
-        self.io = io
+        settings = settings if settings is not None else Settings()
+        self.io = settings.io
         self.device = device
         self.error: str | None = None
         self.check: dict | None = None
         self.hashers: dict[str, FileHasher] = {}
         self.tasks_done = 0
         self.bytes_done = 0
-        self.test_delay = float(os.environ.get(TEST_DELAY_ENV) or 0)  # test-only, see TEST_DELAY_ENV
-        self.test_faults = bool(os.environ.get(TEST_FAULTS_ENV))  # test-only, see TEST_FAULTS_ENV
+        self.hooks = load_hooks(settings.test_hooks)  # tests only (see load_hooks)
         gpu = device.startswith("cuda")
         check = gpu if self_check is None else self_check
         step = "starting CUDA"
@@ -119,13 +116,14 @@ class MergeWorker:
 
                 self.device = device = f"cuda:{torch.cuda.current_device()}"
             step = "allocating its buffers"
-            self.runner = Runner(out_dirs, device, cache_dir=cache_dir, io=io,
+            self.runner = Runner(out_dirs, device, cache_dir=cache_dir, settings=settings,
                                  kernel=kernel(device) if kernel is not None else None)
             if check and self.runner.kernel is not None:  # (the C kernel is the reference itself)
                 from . import selfcheck
 
                 step = "running the kernel self-check"
-                self.check = selfcheck.self_check(device, kernel=self.runner.kernel)
+                self.check = selfcheck.self_check(device, kernel=self.runner.kernel,
+                                                  use_c=settings.kernel != "torch")
         except Exception as e:  # noqa: BLE001 - any failure of the device is reported the same way
             if not (gpu or check):
                 raise
@@ -143,7 +141,8 @@ class MergeWorker:
     def run(self, task):
         if self.error is not None:  # (the driver never sends one: it stops at info())
             raise MergeFailed(self.error)
-        delay = _test_faults(task.id, self.test_delay) if self.test_faults else self.test_delay  # test-only
+        if self.hooks is not None:
+            self.hooks.before(task)
         try:
             res = self.runner.run(task)
         except ExpoError:
@@ -152,8 +151,8 @@ class MergeWorker:
             if self.device.startswith("cuda") and _is_cuda_error(e):
                 raise MergeFailed(device_failure(e, self.device, f"task {task.id}")) from None
             raise
-        if delay:  # test-only: keep each task running a while so tests can kill things mid-merge
-            time.sleep(delay)
+        if self.hooks is not None:
+            self.hooks.after(task, res)
         self.tasks_done += 1
         self.bytes_done += res.nbytes
         return res

@@ -8,7 +8,8 @@ import os
 import threading
 import time
 
-from .hub import ATTEMPTS_ENV, retry_transient
+from ..settings import HUB_ATTEMPTS
+from .hub import retry_transient
 from .refs import is_ref, parse_ref
 
 log = logging.getLogger("expo_dist")
@@ -16,19 +17,19 @@ log = logging.getLogger("expo_dist")
 # settings a worker process needs to see the Hub as the driver does (HF_HOME / HF_HUB_CACHE stay node-local)
 FORWARD_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_ETAG_TIMEOUT",
                "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_PROGRESS_BARS",
-               "HF_HUB_DISABLE_SYMLINKS", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_USER_AGENT_ORIGIN",
-               ATTEMPTS_ENV)
+               "HF_HUB_DISABLE_SYMLINKS", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_USER_AGENT_ORIGIN")
 
 _LOCK = threading.Lock()
 _PATHS: dict[tuple[str, str | None], str] = {}
 _RECORD: dict[str, dict] = {}
 
 
-def local_path(ref: str, cache_dir: str | None = None) -> str:
+def local_path(ref: str, cache_dir: str | None = None, attempts: int = HUB_ATTEMPTS) -> str:
     """The local path of a weight file named in the plan. Plain paths are returned as they are.
 
     An hf:// ref is looked up in this node's cache (cache_dir, else HF_HUB_CACHE / HF_HOME of this process) and
-    downloaded into it with hf_hub_download, pinned to the ref's commit, if it is not there. Thread- and
+    downloaded into it with hf_hub_download, pinned to the ref's commit, if it is not there (up to `attempts` tries
+    while the Hub's failure is transient: Settings.hub_attempts). Thread- and
     process-safe (huggingface_hub locks the blob while it downloads). Each call that resolves a ref for the first
     time in this process is recorded (see fetched()).
     """
@@ -45,23 +46,24 @@ def local_path(ref: str, cache_dir: str | None = None) -> str:
     t0 = time.monotonic()
     path = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=commit)
     downloaded = not isinstance(path, str)
-    attempts = 0
+    tries = 0
     if downloaded:
-        path, attempts = _download(hf_hub_download, repo, commit, filename, cache_dir)
+        path, tries = _download(hf_hub_download, repo, commit, filename, cache_dir, attempts)
     with _LOCK:
         _PATHS[key] = path
         _RECORD.setdefault(ref, {"ref": ref, "repo_id": repo, "commit": commit, "file": filename,
                                  "bytes": os.path.getsize(path), "downloaded": downloaded,
                                  "seconds": round(time.monotonic() - t0, 3), "path": path,
-                                 "attempts": attempts})
+                                 "attempts": tries})
     return path
 
 
-def _download(hf_hub_download, repo: str, commit: str, filename: str, cache_dir: str | None) -> tuple[str, int]:
+def _download(hf_hub_download, repo: str, commit: str, filename: str, cache_dir: str | None,
+              attempts: int) -> tuple[str, int]:
     """hf_hub_download, tried again with backoff while the failure is transient (huggingface_hub itself does not
     retry a download the Hub answers with 5xx). Returns (path, tries)."""
     return retry_transient(lambda: hf_hub_download(repo, filename, revision=commit, cache_dir=cache_dir),
-                           repo, commit, filename)
+                           repo, commit, filename, attempts)
 
 
 def fetched(reset: bool = False) -> list[dict]:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ExpoError
 from ..formats.jsonsafe import one_line
+from ..settings import HUB_ATTEMPTS
 
 log = logging.getLogger("expo_dist")
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
@@ -98,26 +99,19 @@ def hub_exceptions() -> tuple:
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 # The one retry policy for the Hub: a request that fails for a reason that may pass (see transient) is tried again
-# after 1, 2, 4, ... s (at most BACKOFF_MAX_S apart), up to EXPO_HUB_ATTEMPTS tries in all (default 6: about a
-# minute of waiting), before it fails with the Hub's error. Range requests go through huggingface_hub's own
-# http_backoff with this policy; downloads (hf_hub_download, which does not retry 5xx) through retry_transient.
-ATTEMPTS_ENV = "EXPO_HUB_ATTEMPTS"
+# after 1, 2, 4, ... s (at most BACKOFF_MAX_S apart), up to Settings.hub_attempts tries in all (EXPO_HUB_ATTEMPTS;
+# default 6: about a minute of waiting), before it fails with the Hub's error. Range requests go through
+# huggingface_hub's own http_backoff with this policy; downloads (hf_hub_download, which does not retry 5xx)
+# through retry_transient.
 BACKOFF_S = 1.0
 BACKOFF_MAX_S = 30.0
 
 
-def attempts() -> int:
-    """Tries of one Hub request: EXPO_HUB_ATTEMPTS (read at each call), default 6."""
-    try:
-        return max(1, int(os.environ.get(ATTEMPTS_ENV, "6")))
-    except ValueError:
-        return 6
-
-
-def retry_transient(call, repo: str, revision: str | None, what: str):
-    """call(), tried again with backoff while the Hub's failure is transient. Returns (its result, tries); raises
-    the Hub's error as one ExpoError line, saying how many tries it took when there were several."""
-    limit = attempts()
+def retry_transient(call, repo: str, revision: str | None, what: str, attempts: int = HUB_ATTEMPTS):
+    """call(), tried again with backoff while the Hub's failure is transient, up to `attempts` tries in all.
+    Returns (its result, tries); raises the Hub's error as one ExpoError line, saying how many tries it took
+    when there were several."""
+    limit = max(1, attempts)
     delay, attempt = BACKOFF_S, 1
     while True:
         try:
@@ -224,11 +218,13 @@ def resolve_commit(repo: str, revision: str | None, cache_dir: str | None) -> st
 class HubReader:
     """Positional reads of one file on the Hub with HTTP range requests (never the whole file)."""
 
-    def __init__(self, repo_id: str, commit: str, filename: str, display: str, size: int | None = None):
+    def __init__(self, repo_id: str, commit: str, filename: str, display: str, size: int | None = None,
+                 attempts: int = HUB_ATTEMPTS):
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers
 
         self.repo_id, self.commit, self.filename, self.display = repo_id, commit, filename, display
+        self.attempts = max(1, attempts)  # tries of each request (the retry policy above)
         self.url = hf_hub_url(repo_id, filename, revision=commit)
         self.headers = build_hf_headers()
         self.headers["Accept-Encoding"] = "identity"
@@ -245,7 +241,7 @@ class HubReader:
 
         try:  # transient failures tried again (the retry policy above), by huggingface_hub's own backoff
             r = http_backoff("GET", self.url, headers={**self.headers, "Range": f"bytes={start}-{max(start, end - 1)}"},
-                             max_retries=attempts() - 1, base_wait_time=BACKOFF_S, max_wait_time=BACKOFF_MAX_S,
+                             max_retries=self.attempts - 1, base_wait_time=BACKOFF_S, max_wait_time=BACKOFF_MAX_S,
                              retry_on_status_codes=TRANSIENT_STATUS)
             hf_raise_for_status(r)
         except hub_exceptions() as e:

@@ -11,6 +11,7 @@ from ..formats import jsonsafe
 from ..formats.folder import BIN_INDEX, BIN_SINGLE, INDEX, SINGLE
 from ..formats.safetensors import FileHeader, TensorEntry, bad_name, read_header
 from ..formats.torchzip import read_bin_header
+from ..settings import HUB_ATTEMPTS
 from .refs import Resolved, resolve
 
 
@@ -82,12 +83,13 @@ def _header(src: Resolved, name: str, kind: str) -> FileHeader:
         r.close()
 
 
-def index_model(source: str, cache_dir: str | None = None) -> ModelIndex:
+def index_model(source: str, cache_dir: str | None = None, hub_attempts: int = HUB_ATTEMPTS) -> ModelIndex:
     """Index a model: a local folder, or a Hub repo id[@revision] (see refs.resolve), holding model.safetensors,
     a sharded safetensors checkpoint, pytorch_model.bin or a sharded .bin checkpoint (torch.save zip format).
 
-    Weight files are named by TensorRef.file: an absolute path, or hf://org/name@<commit>/<file> for the Hub."""
-    src = resolve(source, cache_dir)
+    Weight files are named by TensorRef.file: an absolute path, or hf://org/name@<commit>/<file> for the Hub.
+    hub_attempts: tries of each Hub range request (Settings.hub_attempts)."""
+    src = resolve(source, cache_dir, hub_attempts)
     root = src.root
     where = root if not src.is_hub else f"{src.repo_id}@{src.revision or 'main'}"
     for index_name, single_name, kind in ((INDEX, SINGLE, "safetensors"),

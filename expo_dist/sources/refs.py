@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import ExpoError
 from ..formats.folder import is_side_file
 from ..formats.reader import LocalReader
+from ..settings import HUB_ATTEMPTS
 from .hub import (
     HubReader,
     cached_listing,
@@ -117,6 +118,7 @@ class Resolved:
     cache_dir: str | None = None
     listing: dict[str, int | None] = field(default_factory=dict)  # Hub: top-level files -> size
     readers: list = field(default_factory=list)
+    hub_attempts: int = HUB_ATTEMPTS  # tries of each range request (Settings.hub_attempts)
 
     @property
     def is_hub(self) -> bool:
@@ -166,7 +168,8 @@ class Resolved:
                             "HF_HUB_OFFLINE is set; unset it to read headers from the Hub, or download the file once "
                             f"(`hf download {self.repo_id} {name}" + (f" --revision {self.revision}" if self.revision
                                                                       else "") + "`)")
-        r = HubReader(self.repo_id, self.commit, name, self.display(name), self.listing.get(name))
+        r = HubReader(self.repo_id, self.commit, name, self.display(name), self.listing.get(name),
+                      attempts=self.hub_attempts)
         self.readers.append(r)
         return r
 
@@ -186,8 +189,9 @@ class Resolved:
         return sum(r.bytes_fetched for r in self.readers)
 
 
-def resolve(text: str, cache_dir: str | None = None) -> Resolved:
-    """Resolve a source for planning. For a Hub repo: pin the commit, list the files, fetch the side files only."""
+def resolve(text: str, cache_dir: str | None = None, hub_attempts: int = HUB_ATTEMPTS) -> Resolved:
+    """Resolve a source for planning. For a Hub repo: pin the commit, list the files, fetch the side files only;
+    hub_attempts: tries of each header range request (Settings.hub_attempts)."""
     spec = parse_source(text)
     if spec.path is not None:
         if not os.path.isdir(spec.path):
@@ -237,7 +241,7 @@ def resolve(text: str, cache_dir: str | None = None) -> Resolved:
         root = os.path.dirname(path)
     if root is None:
         root = snap if os.path.isdir(snap) else _empty_dir()
-    return Resolved(text, root, repo, revision, commit, cache_dir, listing)
+    return Resolved(text, root, repo, revision, commit, cache_dir, listing, hub_attempts=hub_attempts)
 
 
 def _empty_dir() -> str:

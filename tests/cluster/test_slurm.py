@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import faulthooks
 import pytest
 from cluster_conftest import (
     ALPHA,
@@ -96,12 +97,12 @@ def test_sbatch_passes_on_the_merge_exit_code(tmp_path, ray_tmp_cleanup):
 def test_scancel_stops_ray_and_leaves_no_complete_output(pair, tmp_path, ray_tmp_cleanup):
     sft, aligned = pair
     out, log = tmp_path / "out", tmp_path / "job.log"
-    # EXPO_TEST_TASK_DELAY (test-only hook in expo_dist/runtime/worker.py): each task sleeps 3 s, so with ~10 tasks
+    # tests/faulthooks.py (test-only hooks, named by EXPO_TEST_HOOKS): each task sleeps 3 s, so with ~10 tasks
     # on 2 workers the merge runs ≥ 15 s. A bigger pair would only be slow to generate on 2 cores.
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "-o", str(log), str(SBATCH), "merge",
                         "--sft", str(sft), "--aligned", str(aligned), "--alpha", str(ALPHA), "--out", str(out),
                         *SPLIT_ARGS],
-                       cwd=tmp_path, env=slurm_env(EXPO_TEST_TASK_DELAY="3"), capture_output=True, text=True,
+                       cwd=tmp_path, env=slurm_env(**faulthooks.env(delay=3)), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
