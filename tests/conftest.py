@@ -37,6 +37,18 @@ def _fast_lane_guard(request):
         pytest.fail("this test started Ray but is not in the slow lane: mark it @pytest.mark.slow")
 
 
+@pytest.fixture(scope="session")
+def pair_factory(tmp_path_factory):
+    """The one way tests get a synthetic SFT / aligned pair: pair_factory(kind="tiny", *, private=False,
+    **make_pair_overrides) -> (sft_dir, aligned_dir), and pair_factory.bin(folder, shard_tensors=None). Pairs are
+    generated once per session and shared read-only; private=True gives a test its own copy to change (tests/pairs.py)."""
+    from pairs import PairFactory
+
+    factory = PairFactory(tmp_path_factory)
+    yield factory
+    factory.check_all()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One embedded Ray per test module (start-up costs seconds here)."""
