@@ -29,11 +29,15 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # this checkout's expo_dist, installed or not
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's expo_dist
+
+# expo_bench: the benchmark's package next to this script (scripts/ is on sys.path when a script in it runs)
+from expo_bench import merge as bench_merge  # noqa: E402
+from expo_bench import pair as bench_pair  # noqa: E402
+from expo_bench.context import log as bench_log  # noqa: E402
+from expo_bench.context import make_workdir  # noqa: E402
 
 from expo_dist.testing import measure  # noqa: E402
 from expo_dist.testing.rss import fmt_bytes  # noqa: E402
@@ -45,7 +49,7 @@ SMALL = dict(hidden_size=512, intermediate_size=1376, num_layers=2, num_heads=8,
 
 
 def log(msg: str) -> None:
-    print(f"gpu_check: {msg}", file=sys.stderr, flush=True)
+    bench_log(msg, "gpu_check")
 
 
 _DATA: dict = {}
@@ -199,7 +203,7 @@ def merge_once(label, sft, aligned, out, args, env, workdir, in_bytes, device_ar
     r = measure.run_merge(sft, aligned, ["--alpha", repr(args.alpha)], out, extra, env, args.timeout,
                         os.path.join(workdir, f"merge-{label}.log"))
     if r["rc"]:
-        raise SystemExit(f"gpu_check: {label} merge failed (exit {r['rc']}): {' '.join(r['cmd'])}\n{r['stderr_tail']}")
+        raise bench_merge.failed(r, f"{label} merge", "gpu_check")
     workers = (r["json"] or {}).get("workers") or (r["manifest"] or {}).get("workers") or []
     devices = sorted({str(w.get("device")) for w in workers})
     checks = [w.get("self_check") for w in workers]
@@ -276,16 +280,9 @@ def main(argv=None) -> int:
               ("" if "same_as_cpu" not in r else "   bytes = CPU kernels: " + ("yes" if r["same_as_cpu"] else "NO")))
 
     # ---------------------------------------------------------------- merges
-    base = args.workdir or ("/var/tmp" if os.access("/var/tmp", os.W_OK) else None)
-    workdir = tempfile.mkdtemp(prefix="expo-gpucheck-", dir=base)
+    workdir = make_workdir("expo-gpucheck-", args.workdir)
     try:
-        from expo_dist.testing import synth
-
-        log(f"generating a pair ({measure.model_bytes(shape, 'bfloat16') / 1e9:.2f} GB per model) in {workdir}")
-        t0 = time.perf_counter()
-        sft, aligned = map(str, synth.make_pair(os.path.join(workdir, "pair"), sft_shard_bytes=shard[0],
-                                                aligned_shard_bytes=shard[1], **shape))
-        log(f"pair generated in {time.perf_counter() - t0:.1f}s")
+        sft, aligned, _ = bench_pair.generate(os.path.join(workdir, "pair"), shape, "bfloat16", shard, 0, "gpu_check")
         in_bytes = measure.nbytes(measure.weight_files(sft)) + measure.nbytes(measure.weight_files(aligned))
         extra = shlex.split(args.merge_args)
         runs = []
