@@ -564,9 +564,9 @@ def test_local_path_fetches_once_per_node_cache(hub, big, tmp_path):
 
 _FETCH_ONE = textwrap.dedent("""
     import json, sys, time
-    from expo_dist.sources import fetch, hub
+    from expo_dist.sources import fetch, hubretry
     from expo_dist.errors import ExpoError
-    hub.BACKOFF_S = 0.05  # the schedule, not its length, is under test
+    hubretry.BACKOFF_S = 0.05  # the schedule, not its length, is under test
     t0 = time.monotonic()
     try:
         p = fetch.local_path(sys.argv[1])

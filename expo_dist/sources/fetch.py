@@ -9,7 +9,7 @@ import threading
 import time
 
 from ..settings import HUB_ATTEMPTS
-from .hub import retry_transient
+from .hubretry import retry_transient
 from .refs import is_ref, parse_ref
 
 log = logging.getLogger("expo_dist")

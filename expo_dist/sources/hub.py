@@ -1,157 +1,27 @@
-"""Talking to the Hugging Face Hub: errors as one line, pinning a revision, the cached tree listing, and
-positional reads of a remote file with HTTP range requests. Everything goes through huggingface_hub's own
-functions, so HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE behave as they do for transformers.
+"""Talking to the Hugging Face Hub: pinning a revision, the cached tree listing, and positional reads of a remote
+file with HTTP range requests (its errors and retry policy: hubretry.py). Everything goes through huggingface_hub's
+own functions, so HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE behave as they do for
+transformers.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ExpoError
 from ..formats.jsonsafe import one_line
 from ..settings import HUB_ATTEMPTS
+from .hubretry import BACKOFF_MAX_S, BACKOFF_S, TRANSIENT_STATUS, hub_error, hub_exceptions
 
-log = logging.getLogger("expo_dist")
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
 FIRST_RANGE = 100_000  # first range request of a remote header: as huggingface_hub's own safetensors parser
 BLOCK = 64 << 10  # the tail of a zip (end records, central directory) is fetched in one request of this size
 SMALL = 4096  # other reads (zip local headers): small requests
 
 
-# ---- errors -------------------------------------------------------------------------------------------------
-
-
-def hub_error(e: Exception, repo: str, revision: str | None, what: str | None = None) -> ExpoError:
-    """One line for each way the Hub can say no."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        RevisionResolutionError,
-    )
-
-    rev = revision or "main"
-    name = f"{repo}@{rev}"
-    on = f"{what} of {name}" if what else name
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    offline = constants.is_offline_mode()
-    if isinstance(e, GatedRepoError):
-        return ExpoError(f"{repo} is a gated model: accept its terms at {constants.ENDPOINT}/{repo} with your account, "
-                         "then set HF_TOKEN to a token of that account (or run `hf auth login`)")
-    if isinstance(e, RepositoryNotFoundError):
-        if status == 401 and ("Invalid credentials" in str(e) or "Invalid username or password" in str(e)):
-            return ExpoError(f"{repo}: the Hub rejected the token (401 invalid credentials); fix or unset HF_TOKEN")
-        return ExpoError(f"{repo}: no such model on {constants.ENDPOINT}, or it is private: check the repo id; for a "
-                         "private or gated repo set HF_TOKEN (or run `hf auth login`)")
-    if isinstance(e, RevisionNotFoundError):
-        return ExpoError(f"{repo}: revision {rev!r} does not exist; give an existing branch, tag or commit sha "
-                         f"(see {constants.ENDPOINT}/{repo}/tree/main)")
-    if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
-        return ExpoError(f"{on}: no such file in the repo at this revision")
-    if isinstance(e, (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub ({constants.ENDPOINT}) cannot be reached"
-        return ExpoError(f"{on}: not in the Hugging Face cache and {why}; download it once online "
-                         f"(`hf download {repo}" + (f" --revision {revision}" if revision else "") + "`) or point "
-                         "--cache-dir / HF_HOME at a cache that holds it")
-    if isinstance(e, HfHubHTTPError):
-        if status == 401:
-            return ExpoError(f"{on}: the Hub answered 401 (unauthorized); set HF_TOKEN to a token with read access")
-        if status == 403:
-            return ExpoError(f"{on}: the Hub answered 403 (forbidden); your token lacks access to this repo")
-        return ExpoError(f"{on}: the Hub answered {status}: {str(e).strip().splitlines()[0]}")
-    return ExpoError(f"{on}: cannot reach the Hub at {constants.ENDPOINT} ({e.__class__.__name__}: "
-                     f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); check the network, or set "
-                     "HF_HUB_OFFLINE=1 to use only the cache")
-
-
-_HUB_ERRORS: tuple = ()
-
-
-def hub_exceptions() -> tuple:
-    """Exceptions huggingface_hub raises for the Hub saying no or being unreachable."""
-    global _HUB_ERRORS
-    if not _HUB_ERRORS:
-        from huggingface_hub import errors
-
-        names = ("HfHubHTTPError", "EntryNotFoundError", "OfflineModeIsEnabled", "RevisionResolutionError",
-                 "FileMetadataError", "LocalEntryNotFoundError")
-        found = [getattr(errors, n) for n in names if hasattr(errors, n)]
-        for mod in ("httpx2", "httpx", "requests"):  # the HTTP client of this huggingface_hub version
-            try:
-                m = __import__(mod)
-            except ImportError:
-                continue
-            found.append(m.HTTPError if mod != "requests" else m.RequestException)
-        found.append(ConnectionError)
-        _HUB_ERRORS = tuple(found)
-    return _HUB_ERRORS
-
-
-TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
-
-# The one retry policy for the Hub: a request that fails for a reason that may pass (see transient) is tried again
-# after 1, 2, 4, ... s (at most BACKOFF_MAX_S apart), up to Settings.hub_attempts tries in all (EXPO_HUB_ATTEMPTS;
-# default 6: about a minute of waiting), before it fails with the Hub's error. Range requests go through
-# huggingface_hub's own http_backoff with this policy; downloads (hf_hub_download, which does not retry 5xx)
-# through retry_transient.
-BACKOFF_S = 1.0
-BACKOFF_MAX_S = 30.0
-
-
-def retry_transient(call, repo: str, revision: str | None, what: str, attempts: int = HUB_ATTEMPTS):
-    """call(), tried again with backoff while the Hub's failure is transient, up to `attempts` tries in all.
-    Returns (its result, tries); raises the Hub's error as one ExpoError line, saying how many tries it took
-    when there were several."""
-    limit = max(1, attempts)
-    delay, attempt = BACKOFF_S, 1
-    while True:
-        try:
-            return call(), attempt
-        except hub_exceptions() as e:
-            if attempt == limit or not transient(e):
-                err = hub_error(e, repo, revision, what)
-                if attempt > 1:
-                    err = type(err)(f"{err} (after {attempt} tries)")
-                raise err from None
-            log.warning("%s/%s: %s; trying again in %.0f s (%d of %d)", repo, what,
-                        str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__, delay,
-                        attempt + 1, limit)
-        time.sleep(delay)
-        delay, attempt = min(delay * 2, BACKOFF_MAX_S), attempt + 1
-
-
-def transient(e: Exception) -> bool:
-    """Whether the Hub failing like this may go away on its own: a timeout, a dropped connection, a 408/429/5xx
-    answer, or a download that could not check the Hub while online. Not: 401/403/404, gated repos, offline mode."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(e, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, OfflineModeIsEnabled)):
-        return False
-    if isinstance(e, LocalEntryNotFoundError):  # the Hub could not be reached for a file not yet cached
-        return not constants.is_offline_mode()
-    if isinstance(e, EntryNotFoundError):
-        return False
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if status is not None:
-        return status in TRANSIENT_STATUS
-    return isinstance(e, hub_exceptions())  # no answer at all: connection refused or reset, timeout
+# ---- revisions ----------------------------------------------------------------------------------------------
 
 
 def check_revision(repo: str, revision: str | None) -> str | None:
@@ -224,7 +94,7 @@ class HubReader:
         from huggingface_hub.utils import build_hf_headers
 
         self.repo_id, self.commit, self.filename, self.display = repo_id, commit, filename, display
-        self.attempts = max(1, attempts)  # tries of each request (the retry policy above)
+        self.attempts = max(1, attempts)  # tries of each request (hubretry's retry policy)
         self.url = hf_hub_url(repo_id, filename, revision=commit)
         self.headers = build_hf_headers()
         self.headers["Accept-Encoding"] = "identity"
@@ -239,7 +109,7 @@ class HubReader:
         """Bytes [start, end) of the file (fewer at its end)."""
         from huggingface_hub.utils import hf_raise_for_status, http_backoff
 
-        try:  # transient failures tried again (the retry policy above), by huggingface_hub's own backoff
+        try:  # transient failures tried again (hubretry's retry policy), by huggingface_hub's own backoff
             r = http_backoff("GET", self.url, headers={**self.headers, "Range": f"bytes={start}-{max(start, end - 1)}"},
                              max_retries=self.attempts - 1, base_wait_time=BACKOFF_S, max_wait_time=BACKOFF_MAX_S,
                              retry_on_status_codes=TRANSIENT_STATUS)

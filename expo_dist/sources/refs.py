@@ -29,16 +29,8 @@ from ..errors import ExpoError
 from ..formats.folder import is_side_file
 from ..formats.reader import LocalReader
 from ..settings import HUB_ATTEMPTS
-from .hub import (
-    HubReader,
-    cached_listing,
-    check_revision,
-    hub_error,
-    hub_exceptions,
-    offline_error,
-    resolve_commit,
-    snapshot_dir,
-)
+from .hub import HubReader, cached_listing, check_revision, offline_error, resolve_commit, snapshot_dir
+from .hubretry import hub_error, hub_exceptions
 
 log = logging.getLogger("expo_dist")
 
