@@ -24,6 +24,10 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (on a path every node sees)")
     p.add_argument("--address", help="join a Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT "
                                      "(default: start Ray on this machine)")
+    p.add_argument("--wait-nodes", type=int, metavar="N",
+                   help="with --address: first wait until N Ray nodes are alive (e.g. a batch job's nodes still "
+                        "running `ray start`); one error line and exit 2 after --wait-timeout")
+    p.add_argument("--wait-timeout", metavar="SECONDS", help="how long --wait-nodes waits (default 300)")
     p.add_argument("--workers", type=int, help="at most this many worker actors (default: one per GPU, else per CPU)")
     p.add_argument("--max-task-bytes", help="output bytes per task, e.g. 256MiB (default 256MiB)")
     p.add_argument("--max-shard-size", help="output shard size, e.g. 5GB (default 5GB)")
@@ -51,7 +55,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 def _spec(args):
     from .spec import build_spec
 
-    overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "workers",
+    overrides = {k: getattr(args, k) for k in ("sft", "aligned", "alpha", "out", "address", "wait_nodes",
+                                               "wait_timeout", "workers",
                                                "max_task_bytes", "max_shard_size", "overwrite", "max_attempts",
                                                "cache_dir", "io", "device")}
     if overrides["alpha"] is not None and len(overrides["alpha"]) == 1:

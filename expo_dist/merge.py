@@ -106,7 +106,7 @@ def _run(spec: MergeSpec, settings: Settings, plan: Plan, writer: OutputWriter, 
     writer.check_space()
     writer.stage(done)
     check_terminated()
-    started = connect(spec.address)
+    started = connect(spec.address, wait_nodes=spec.wait_nodes, wait_timeout=spec.wait_timeout)
     try:
         check_terminated()
         sched = Scheduler(plan, writer.targets, spec.workers, spec.max_attempts, skip=done, on_done=writer.record,

@@ -26,6 +26,7 @@ MIN_TASK_BYTES = 1 << 20
 MAX_SIZE = 1 << 60  # 1 EiB: far above any model, far below what byte offsets can hold
 MAX_WORKERS = 100_000
 MAX_ATTEMPTS = 1000
+MAX_SECONDS = 366 * 86400
 IO_MODES = ("auto", "direct", "buffered")
 DEVICES = ("auto", "cuda", "cpu")
 MAX_CONFIG_BYTES = 1 << 20
@@ -44,6 +45,9 @@ FIELDS: dict[str, tuple[str, str]] = {
                       "same plan (which resumes)"),
     "address": ("string", "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start an embedded "
                           "Ray on this machine)"),
+    "wait_nodes": ("integer >= 1", "with address: first wait until this many Ray nodes are alive in the cluster "
+                                   "(e.g. a batch job's nodes still starting); exit 2 after wait_timeout"),
+    "wait_timeout": ("seconds > 0", "how long wait_nodes waits (default 300)"),
     "workers": ("integer >= 1", "at most this many worker actors (default: one per GPU, else one per CPU)"),
     "max_task_bytes": ("size >= 1MiB", "output bytes per task: an integer or a string like 256MiB "
                                        "(default 256MiB)"),
@@ -153,6 +157,16 @@ def check_alpha(label: str, value) -> float | list[float]:
     return check_number(label, raw)
 
 
+def check_seconds(label: str, value) -> float:
+    """A duration: a finite number of seconds > 0 (at most a year)."""
+    if isinstance(value, bool):
+        _fail(label, "a number of seconds", value)
+    s = check_number(label, value)
+    if not 0 < s <= MAX_SECONDS:
+        raise ExpoError(f"{label} must be more than 0 and at most {MAX_SECONDS} seconds, got {show_value(value)}")
+    return s
+
+
 def check_choice(label: str, value, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.strip().lower() not in choices:
         _fail(label, "one of " + ", ".join(choices), value)
@@ -172,6 +186,8 @@ _CHECKS = {
     "alpha": check_alpha,
     "out": check_string,
     "address": check_string,
+    "wait_nodes": lambda label, v: check_int(label, v, 1, MAX_WORKERS),
+    "wait_timeout": lambda label, v: check_seconds(label, v),
     "workers": lambda label, v: check_int(label, v, 1, MAX_WORKERS),
     "max_task_bytes": lambda label, v: check_size(label, v, MIN_TASK_BYTES),
     "max_shard_size": lambda label, v: check_size(label, v, 1),
@@ -206,6 +222,8 @@ class MergeSpec:
     alpha: float | list[float]  # several values: a sweep, one output folder per alpha, one read of the inputs
     out: str | None = None
     address: str | None = None
+    wait_nodes: int | None = None  # with address: wait until this many Ray nodes are alive (runtime.session)
+    wait_timeout: float | None = None  # seconds wait_nodes waits (None: session.DEFAULT_WAIT_TIMEOUT)
     workers: int | None = None
     max_task_bytes: int = DEFAULT_TASK_BYTES
     max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
@@ -253,6 +271,8 @@ class MergeSpec:
             self.max_attempts = 4
         if self.device is None:
             self.device = "auto"
+        if self.wait_nodes and self.wait_nodes > 1 and not self.address:
+            raise ExpoError(f"--wait-nodes {self.wait_nodes} needs --address (Ray started here has one node)")
         if self.out:
             self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.cache_dir:

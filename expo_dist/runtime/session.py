@@ -10,16 +10,25 @@ import sys
 import threading
 import time
 
-from ..errors import ExpoError
+from ..errors import ExpoError, check_terminated
 
 log = logging.getLogger("expo_dist")
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join the cluster at address, or start an embedded Ray. Returns True if we started Ray."""
+DEFAULT_WAIT_TIMEOUT = 300.0  # seconds --wait-nodes waits for the cluster's nodes to join
+
+
+def connect(address: str | None, num_cpus: int | None = None, wait_nodes: int | None = None,
+            wait_timeout: float | None = None) -> bool:
+    """Join the cluster at address, or start an embedded Ray. Returns True if we started Ray.
+
+    wait_nodes: then wait until that many nodes are alive in the cluster (wait_for_nodes), e.g. while a batch
+    job's other nodes are still running `ray start`."""
     import ray
 
     if ray.is_initialized():
+        if wait_nodes:
+            wait_for_nodes(wait_nodes, wait_timeout)
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
@@ -38,6 +47,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         if address:
             with _own_sigterm(callable(own_sigterm)):
                 ray.init(address=address, **kwargs)
+            if wait_nodes:
+                wait_for_nodes(wait_nodes, wait_timeout)
             return False
         # address="local": a Ray of our own, even where /tmp/ray/ray_current_cluster names a cluster someone
         # started on this machine (plain ray.init() would join that one); RAY_ADDRESS still wins (ray job submit)
@@ -49,6 +60,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         try:
             with _own_sigterm(callable(own_sigterm)):
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            if wait_nodes:
+                wait_for_nodes(wait_nodes, wait_timeout)
         except BaseException:  # SIGTERM or Ctrl-C mid-start: stop what was started, then unwind
             _stop_quietly()
             raise
@@ -64,6 +77,32 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         # stop Ray, keep the journal), put that one back
         if callable(own_sigterm) and signal.getsignal(signal.SIGTERM) is not own_sigterm:
             signal.signal(signal.SIGTERM, own_sigterm)
+
+
+def alive_nodes() -> int:
+    """Nodes the connected Ray cluster counts as alive."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def wait_for_nodes(n: int, timeout: float | None = None, poll: float = 0.5) -> int:
+    """Wait until the connected cluster has at least n alive nodes; returns how many it has. After timeout
+    seconds (default DEFAULT_WAIT_TIMEOUT) one ExpoError line (exit code 2) says how many joined."""
+    timeout = DEFAULT_WAIT_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    have = alive_nodes()
+    if have < n:
+        log.warning("waiting for %d Ray nodes (%d joined so far, up to %gs)", n, have, timeout)
+    while have < n:
+        check_terminated()
+        if time.monotonic() >= deadline:
+            raise ExpoError(f"only {have} of {n} Ray nodes joined the cluster within {timeout:g}s (--wait-nodes "
+                            f"{n}); see the nodes' `ray start` logs, or raise --wait-timeout")
+        time.sleep(min(poll, max(deadline - time.monotonic(), 0.01)))
+        have = alive_nodes()
+    log.info("%d Ray nodes are up", have)
+    return have
 
 
 @contextlib.contextmanager
