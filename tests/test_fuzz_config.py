@@ -20,9 +20,10 @@ import shutil
 import pytest
 import yaml
 
+from expo_dist.checks import MAX_SIZE
 from expo_dist.cli import main
 from expo_dist.errors import ExpoError
-from expo_dist.spec import DEVICES, FIELDS, IO_MODES, MAX_SIZE, build_spec
+from expo_dist.spec import DEVICES, FIELDS, IO_MODES, build_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

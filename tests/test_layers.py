@@ -20,10 +20,10 @@ from expo_dist.testing.synth import make_pair
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "expo_dist"
 
-# bottom to top; "top" is cli, merge, spec and the package's own __init__; nothing in the package imports testing
+# bottom to top; "top" is cli, merge, spec, checks and the package's own __init__; nothing in the package imports testing
 LAYERS = ("errors", "formats", "sources", "planning", "runtime", "output", "verify", "top", "testing")
 BOTTOM = {"errors", "_version", "settings"}
-TOP = {"spec", "merge", "cli"}
+TOP = {"spec", "checks", "merge", "cli"}
 
 
 def module_name(path: Path) -> str:
