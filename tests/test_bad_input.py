@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ import torch
 from expo_dist.cli import main
 from expo_dist.formats.safetensors import read_header
 from expo_dist.runtime.worker import TEST_DELAY_ENV
-from expo_dist.testing.synth import make_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.json")
@@ -34,15 +32,15 @@ COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
+def sharded(pair_factory):
     """Small bf16 pair, both sharded (differently)."""
-    return make_pair(tmp_path_factory.mktemp("sharded"), sft_shard_bytes=40_000, aligned_shard_bytes=27_000, seed=1)
+    return pair_factory("sharded", seed=1)
 
 
 @pytest.fixture
-def pair(sharded, tmp_path):
-    """A private copy to damage."""
-    return tuple(pathlib.Path(shutil.copytree(p, tmp_path / p.name)) for p in sharded)
+def pair(pair_factory):
+    """A private copy of `sharded` to damage."""
+    return pair_factory("sharded", seed=1, private=True)
 
 
 def digest(*folders) -> dict[str, str]:
@@ -262,8 +260,8 @@ def merge_in_process(pair, out, alpha, capsys, *extra):
     return rc, capsys.readouterr()
 
 
-def test_overflow_where_inputs_are_finite_warns(local_ray, tmp_path, capsys, caplog):
-    sft, aligned = make_pair(tmp_path / "pair", dtype="float16", seed=4)
+def test_overflow_where_inputs_are_finite_warns(local_ray, pair_factory, tmp_path, capsys, caplog):
+    sft, aligned = pair_factory(dtype="float16", seed=4, private=True)
     name = "model.layers.0.mlp.down_proj.weight"
     poke(aligned, name, 10, 60000.0, torch.float16)  # finite in f16 (max 65504) ...
     poke(sft, name, 10, -60000.0, torch.float16)  # ... but 60000 + 0.5 * 120000 is not
@@ -277,8 +275,8 @@ def test_overflow_where_inputs_are_finite_warns(local_ray, tmp_path, capsys, cap
     assert "NaN/Inf: 0 in the inputs, 1 in the output" in capsys.readouterr().out
 
 
-def test_nan_and_inf_in_the_inputs_are_counted(local_ray, tmp_path, capsys, caplog):
-    sft, aligned = make_pair(tmp_path / "pair", dtype="bfloat16", seed=5)
+def test_nan_and_inf_in_the_inputs_are_counted(local_ray, pair_factory, tmp_path, capsys, caplog):
+    sft, aligned = pair_factory(dtype="bfloat16", seed=5, private=True)
     name = "model.layers.1.self_attn.q_proj.weight"
     poke(aligned, name, 3, float("nan"), torch.bfloat16)
     poke(sft, name, 7, float("inf"), torch.bfloat16)
@@ -325,12 +323,9 @@ def remount(where: pathlib.Path, opts: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mid(tmp_path_factory):
+def mid(pair_factory):
     """~8 MB per model, 1 MiB tasks: enough tasks to fill a disk in the middle of."""
-    root = tmp_path_factory.mktemp("mid")
-    pair = make_pair(root, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
-                     vocab_size=2048, sft_shard_bytes=3_000_000, aligned_shard_bytes=2_000_000, seed=6)
-    return pair
+    return pair_factory("small", seed=6)
 
 
 MID_ARGS = ["--alpha", "0.3", "--max-task-bytes", "1MiB", "--max-shard-size", "3MB", "--workers", "2"]

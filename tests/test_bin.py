@@ -23,7 +23,6 @@ from expo_dist.merge import run
 from expo_dist.sources.index import index_model
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact
-from expo_dist.testing.synth import make_pair, to_bin
 
 ALPHA = 0.3
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -236,11 +235,9 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, kind):
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("binpair")
-    sft, aligned = make_pair(root / "st", sft_shard_bytes=150_000, aligned_shard_bytes=110_000, seed=7,
-                             extra_vocab=5, nonfloat_buffer=True)
-    return {"st": (sft, aligned), "bin": (to_bin(sft, root / "sft-bin", None), to_bin(aligned, root / "al-bin", 4))}
+def pairs(pair_factory):
+    sft, aligned = pair_factory("two-shards", seed=7, extra_vocab=5, nonfloat_buffer=True)
+    return {"st": (sft, aligned), "bin": (pair_factory.bin(sft, None), pair_factory.bin(aligned, 4))}
 
 
 def test_bin_index_equals_safetensors_index(pairs):

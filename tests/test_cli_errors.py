@@ -16,8 +16,6 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from expo_dist.testing import synth
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors", "model.safetensors.index.json", "expo_manifest.json")
 
@@ -35,12 +33,9 @@ def shim(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    small = synth.make_pair(root / "small", seed=1)
-    wide = synth.make_pair(root / "wide", hidden_size=128, intermediate_size=256, seed=1)
-    sharded = synth.make_pair(root / "sharded", sft_shard_bytes=40_000, aligned_shard_bytes=27_000, seed=1)
-    return {"small": small, "wide": wide, "sharded": sharded}
+def pairs(pair_factory):
+    return {"small": pair_factory(seed=1), "wide": pair_factory(hidden_size=128, intermediate_size=256, seed=1),
+            "sharded": pair_factory("sharded", seed=1)}
 
 
 def copy_pair(pair, dst: pathlib.Path):

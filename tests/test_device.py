@@ -28,7 +28,6 @@ from expo_dist.runtime.kernel import Kernel
 from expo_dist.runtime.scheduler import Scheduler, placement
 from expo_dist.runtime.selfcheck import KernelCheckFailed, check_cases, self_check
 from expo_dist.testing.reference import assert_exact
-from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.3
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
@@ -193,10 +192,9 @@ def fake_gpu_ray():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), hidden_size=64, intermediate_size=160, num_layers=2,
-                     num_heads=4, num_kv_heads=2, vocab_size=512, sft_shard_bytes=200_000,
-                     aligned_shard_bytes=150_000, seed=4)
+def pair(pair_factory):
+    return pair_factory(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                        vocab_size=512, sft_shard_bytes=200_000, aligned_shard_bytes=150_000, seed=4)
 
 
 def merge_argv(pair, out) -> list[str]:

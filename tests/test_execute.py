@@ -12,17 +12,15 @@ from expo_dist.runtime.runner import Runner
 from expo_dist.settings import Settings
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact
-from expo_dist.testing.synth import make_pair
 
 
 @pytest.fixture(scope="module")
-def plan_and_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exe")
-    sft, aligned = make_pair(root, hidden_size=128, intermediate_size=320, num_layers=2, vocab_size=1000,
-                             extra_vocab=5, nonfloat_buffer=True, sft_shard_bytes=400_000,
-                             aligned_shard_bytes=300_000, seed=2)
-    spec = MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.25, out=str(root / "o"),
-                     max_shard_size="600KB").validate()
+def plan_and_pair(pair_factory, tmp_path_factory):
+    sft, aligned = pair_factory(hidden_size=128, intermediate_size=320, num_layers=2, vocab_size=1000,
+                                extra_vocab=5, nonfloat_buffer=True, sft_shard_bytes=400_000,
+                                aligned_shard_bytes=300_000, seed=2)
+    out = tmp_path_factory.mktemp("exe") / "o"
+    spec = MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.25, out=str(out), max_shard_size="600KB").validate()
     plan, _, _ = build_plan(spec)
     return plan, sft, aligned
 
@@ -76,11 +74,11 @@ def test_runner_output_exact_for_any_chunk(plan_and_pair, tmp_path, chunk):
     assert_exact(str(tmp_path), str(sft), str(aligned), 0.25, tie=False)
 
 
-def test_runner_reports_nonfloat_difference(tmp_path):
+def test_runner_reports_nonfloat_difference(pair_factory, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    sft, aligned = make_pair(tmp_path / "p", nonfloat_buffer=True, seed=4)
+    sft, aligned = pair_factory(nonfloat_buffer=True, seed=4, private=True)
     path = os.path.join(aligned, "model.safetensors")
     sd = load_file(path)
     sd["model.extra_buffer.position_ids"] = sd["model.extra_buffer.position_ids"] + 1

@@ -237,14 +237,12 @@ def merge_without_ray(spec) -> dict:
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory):
+def output(pair_factory, tmp_path_factory):
     from expo_dist.spec import MergeSpec
-    from expo_dist.testing.synth import make_pair
 
-    root = tmp_path_factory.mktemp("fuzz-out")
-    sft, aligned = make_pair(root / "pair", seed=3, extra_vocab=5, nonfloat_buffer=True,
-                             sft_shard_bytes=60_000, aligned_shard_bytes=45_000)
-    out = root / "out"
+    sft, aligned = pair_factory(seed=3, extra_vocab=5, nonfloat_buffer=True, sft_shard_bytes=60_000,
+                                aligned_shard_bytes=45_000)
+    out = tmp_path_factory.mktemp("fuzz-out") / "out"
     merge_without_ray(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.3, out=str(out), max_shard_size="80KB",
                                 max_task_bytes="1MiB", alpha_rules=[{"match": "model.norm.*", "scale": 0.5}]))
     assert main(["verify", str(out), "--sft", str(sft), "--aligned", str(aligned), "--full"]) == 0

@@ -27,21 +27,21 @@ import torch
 from expo_dist.errors import ExpoError
 from expo_dist.planning.plan import make_plan, tensor_sources
 from expo_dist.sources.index import index_model
-from expo_dist.testing import synth
 
 SEED = 10_2024
-TINY = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, vocab_size=16,
-            nonfloat_buffer=True)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    s1, a1 = synth.make_pair(root / "single", seed=3, **TINY)
-    s2, a2 = synth.make_pair(root / "sharded", seed=4, sft_shard_bytes=1500, aligned_shard_bytes=1200, **TINY)
+def models(pair_factory):
+    """The micro pair (one layer, vocab 16, a non-float buffer), whole and sharded, aligned also as .bin; own
+    copies: the fuzz rewrites files in place (and puts them back)."""
+    single = pair_factory("micro", seed=3)
+    sharded = pair_factory("micro", seed=4, sft_shard_bytes=1500, aligned_shard_bytes=1200)
+    s1, a1 = pair_factory("micro", seed=3, private=True)
+    s2, a2 = pair_factory("micro", seed=4, sft_shard_bytes=1500, aligned_shard_bytes=1200, private=True)
     return {"st-single": (s1, a1), "st-sharded": (s2, a2),
-            "bin-single": (s1, synth.to_bin(a1, root / "bin-single", None)),
-            "bin-sharded": (s2, synth.to_bin(a2, root / "bin-sharded", 4))}
+            "bin-single": (s1, pair_factory.bin(single[1], None, private=True)),
+            "bin-sharded": (s2, pair_factory.bin(sharded[1], 4, private=True))}
 
 
 # ---- running one case ----------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from expo_dist.sources import fetch
 from expo_dist.sources import refs as sources
 from expo_dist.sources.index import index_model
 from expo_dist.testing.reference import assert_exact, load_model
-from expo_dist.testing.synth import make_pair
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALPHA = 0.3
@@ -77,12 +76,12 @@ def error_line(r) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(pair_factory, tmp_path_factory):
     """Two pairs with the same shapes (different weights); an HF_HOME whose cache holds
     org/sft-model (main) and org/dpo-model: tag v1 -> pair 1's aligned model (+ big extra files), main -> pair 2's."""
     root = tmp_path_factory.mktemp("hub")
-    p1 = make_pair(root / "p1", sft_shard_bytes=150_000, aligned_shard_bytes=110_000, seed=3)
-    p2 = make_pair(root / "p2", sft_shard_bytes=150_000, aligned_shard_bytes=110_000, seed=4)
+    p1 = pair_factory("two-shards", seed=3, private=True)  # private: add_extras writes beside it
+    p2 = pair_factory("two-shards", seed=4)
     extras = add_extras(p1[1])
     hf_home = root / "hf_home"
     cache = hf_home / "hub"
@@ -297,15 +296,13 @@ def test_plan_reads_only_headers_and_never_touches_other_files(offline, capsys):
     assert s.bytes <= budget, f"read {s.bytes} bytes, headers and small files are {budget - 8192}"
 
 
-def test_bin_repo_plan_reads_no_tensor_bytes(offline, tmp_path, capsys):
+def test_bin_repo_plan_reads_no_tensor_bytes(offline, pair_factory, capsys):
     """A .bin-only repo in the cache: planning reads the zip directory, data.pkl and local headers, no tensor data."""
-    from test_bin import to_bin
-
     from expo_dist.cli import main
     from expo_dist.formats.torchzip import read_bin_file
 
     w = offline
-    folder = to_bin(w["p1"][1], tmp_path / "dpo-bin", 3)
+    folder = pair_factory.bin(w["p1"][1], 3)
     commit = lay_out(w["cache"], "org/dpo-bin", folder)
     args = ["plan", "--sft", SFT, "--aligned", "org/dpo-bin", "--alpha", "0.3", "--json"]
     assert main(args) == 0
@@ -401,14 +398,12 @@ def test_merge_mixed_local_and_repo_with_cache_dir(world, tmp_path):
 
 
 @needs_wiring
-def test_merge_bin_repo_offline(world, tmp_path):
-    from test_bin import to_bin
-
+def test_merge_bin_repo_offline(world, pair_factory, tmp_path):
     w = world
     cache = tmp_path / "cache"
     shutil.copytree(w["cache"], cache, symlinks=True)
-    lay_out(cache, "org/dpo-bin", to_bin(w["p1"][1], tmp_path / "dpo-bin", 4))
-    lay_out(cache, "org/sft-bin", to_bin(w["p1"][0], tmp_path / "sft-bin", None))
+    lay_out(cache, "org/dpo-bin", pair_factory.bin(w["p1"][1], 4))
+    lay_out(cache, "org/sft-bin", pair_factory.bin(w["p1"][0], None))
     for sft in ("org/sft-bin", SFT):
         out = tmp_path / ("out-" + sft.replace("/", "_"))
         r = run_cli(["merge", "--sft", sft, "--aligned", "org/dpo-bin", "--alpha", ALPHA, "--out", out,
@@ -423,12 +418,10 @@ def test_merge_bin_repo_offline(world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory):
+def big(pair_factory):
     """A pair of 8 MB models in 15 and 10 shards of 0.4-1 MB (different boundaries): a header range request is
     clearly not the whole file."""
-    root = tmp_path_factory.mktemp("big")
-    p = make_pair(root, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
-                  vocab_size=2048, sft_shard_bytes=700_000, aligned_shard_bytes=900_000, seed=9)
+    p = pair_factory("small", sft_shard_bytes=700_000, aligned_shard_bytes=900_000, seed=9, private=True)
     return p, add_extras(p[1])
 
 
@@ -463,14 +456,12 @@ def test_plan_online_reads_headers_by_range_and_downloads_no_weights(hub, big, t
     assert cached and max(p.stat().st_size for p in cached) < 100_000
 
 
-def test_plan_online_bin_repo_reads_no_tensor_data(hub, big, tmp_path):
+def test_plan_online_bin_repo_reads_no_tensor_data(hub, big, pair_factory, tmp_path):
     """A .bin-only repo on the Hub: the zip directory, data.pkl and local headers come by range requests."""
-    from test_bin import to_bin
-
     from expo_dist.formats.torchzip import read_bin_file
 
     (sft, aligned), _ = big
-    folder = to_bin(aligned, tmp_path / "dpo-bin", 8)
+    folder = pair_factory.bin(aligned, 8)
     hub.add_repo("org/dpo-bin", folder)
     env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=tmp_path / "home")
     r = run_cli(["plan", "--sft", SFT, "--aligned", "org/dpo-bin", "--alpha", ALPHA, "--json"], env)

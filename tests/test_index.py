@@ -14,20 +14,18 @@ from safetensors.torch import save_file
 
 from expo_dist.errors import ExpoError
 from expo_dist.sources.index import index_model
-from expo_dist.testing import synth
 
 ST_NAME = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return synth.make_pair(tmp_path_factory.mktemp("single"), nonfloat_buffer=True, seed=1)
+def single(pair_factory):
+    return pair_factory(nonfloat_buffer=True, seed=1)
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    return synth.make_pair(tmp_path_factory.mktemp("sharded"), nonfloat_buffer=True, extra_vocab=5,
-                           sft_shard_bytes=40_000, aligned_shard_bytes=27_000, seed=2)
+def sharded(pair_factory):
+    return pair_factory("sharded", nonfloat_buffer=True, extra_vocab=5, seed=2)
 
 
 def weight_files(folder: pathlib.Path) -> dict[str, str]:

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from expo_dist.testing.synth import make_pair
-
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "expo_dist"
 
@@ -198,10 +196,10 @@ def test_readme_tree_lists_every_module():
 HEAVY = ("ray", "torch", "numpy", "transformers")
 
 
-def test_plan_command_loads_neither_ray_nor_torch(tmp_path):
+def test_plan_command_loads_neither_ray_nor_torch(pair_factory, tmp_path):
     """`expo-dist plan` reads headers only: no Ray, no torch, no numpy (safetensors headers are JSON; the
     planner is pure Python)."""
-    sft, aligned = make_pair(tmp_path / "p", seed=2)
+    sft, aligned = pair_factory(seed=2)
     code = ("import sys, json; from expo_dist.cli import main; "
             f"rc = main(['plan', '--sft', {str(sft)!r}, '--aligned', {str(aligned)!r}, '--alpha', '0.3', '--json']); "
             "print(json.dumps({'rc': rc, 'modules': sorted(sys.modules)}))")

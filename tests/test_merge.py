@@ -9,7 +9,6 @@ import torch
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact, load_model
-from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.3
 
@@ -37,10 +36,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_exact_every_element(local_ray, tmp_path, case):
+def test_exact_every_element(local_ray, pair_factory, tmp_path, case):
     kw = dict(CASES[case])
     alpha = kw.pop("alpha", ALPHA)
-    sft, aligned = make_pair(tmp_path / "pair", sft_shard_bytes=150_000, aligned_shard_bytes=110_000, seed=3, **kw)
+    sft, aligned = pair_factory("two-shards", seed=3, **kw)
     out = tmp_path / "out"
     manifest = merge(sft, aligned, out, max_shard_size="200KB", max_task_bytes="1MiB", alpha=alpha)
     n = assert_exact(str(out), str(sft), str(aligned), alpha, tie=kw.get("tie_word_embeddings", False))
@@ -62,11 +61,9 @@ def test_exact_every_element(local_ray, tmp_path, case):
 
 
 @pytest.fixture(scope="module")
-def mid_pair(tmp_path_factory):
+def mid_pair(pair_factory):
     """A pair whose large tensors are several MiB, so 1 MiB tasks split each into several tasks."""
-    root = tmp_path_factory.mktemp("mid")
-    return make_pair(root, hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8, num_kv_heads=4,
-                     vocab_size=3000, sft_shard_bytes=7_000_000, aligned_shard_bytes=5_000_000, seed=11)
+    return pair_factory("mid", seed=11)
 
 
 @pytest.fixture(scope="module")

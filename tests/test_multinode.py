@@ -8,7 +8,6 @@ from clusters import three_node_cluster
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact
-from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.4
 
@@ -20,10 +19,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), hidden_size=256, intermediate_size=768, num_layers=4,
-                     num_heads=8, num_kv_heads=4, vocab_size=2048, sft_shard_bytes=3_000_000,
-                     aligned_shard_bytes=2_000_000, seed=5)
+def pair(pair_factory):
+    return pair_factory("small", seed=5)
 
 
 def merge(pair, out, **kw):

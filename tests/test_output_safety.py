@@ -23,7 +23,6 @@ from expo_dist.output.owned import clear_owned
 from expo_dist.runtime.worker import TEST_DELAY_ENV
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact, assert_same
-from expo_dist.testing.synth import make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHA = 0.3
@@ -31,9 +30,9 @@ SETTINGS = ["--max-task-bytes", "1MiB", "--max-shard-size", "3MB", "--workers", 
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), seed=5, hidden_size=256, intermediate_size=688, num_layers=2,
-                     vocab_size=2048, sft_shard_bytes=3_000_000, aligned_shard_bytes=2_000_000)
+def pair(pair_factory):
+    return pair_factory(seed=5, hidden_size=256, intermediate_size=688, num_layers=2, vocab_size=2048,
+                        sft_shard_bytes=3_000_000, aligned_shard_bytes=2_000_000)
 
 
 def argv(pair, out, *extra, alpha=(ALPHA,)):

@@ -200,12 +200,11 @@ def sources_of(folder) -> dict[str, Source]:
 
 
 @pytest.fixture(scope="module")
-def mixed_pair(tmp_path_factory):
+def mixed_pair(pair_factory):
     """A sharded bf16 aligned model, its SFT rewritten in float32 as one file, with 3 added vocabulary rows
     and a non-float buffer."""
-    root = tmp_path_factory.mktemp("mixed")
-    sft_dir, al_dir = synth.make_pair(root, hidden_size=128, intermediate_size=256, vocab_size=300, extra_vocab=3,
-                                      nonfloat_buffer=True, aligned_shard_bytes=50_000, seed=4)
+    sft_dir, al_dir = pair_factory(hidden_size=128, intermediate_size=256, vocab_size=300, extra_vocab=3,
+                                   nonfloat_buffer=True, aligned_shard_bytes=50_000, seed=4, private=True)
     sd = load_file(str(sft_dir / "model.safetensors"))
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     save_file(sd, str(sft_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -347,8 +346,8 @@ def test_tied_embeddings_drop_lm_head():
     assert plan3.decisions["lm_head.weight"].op == EXTRAPOLATE and "lm_head.weight" in plan3.weight_map()
 
 
-def test_tied_generated_pair(tmp_path):
-    s_dir, a_dir = synth.make_pair(tmp_path, tie_word_embeddings=True, seed=5)
+def test_tied_generated_pair(pair_factory):
+    s_dir, a_dir = pair_factory("tied", seed=5)
     sft, scfg = sources_of(s_dir)
     aligned, acfg = sources_of(a_dir)
     assert "lm_head.weight" not in aligned
@@ -478,10 +477,10 @@ def test_shard_headers_are_valid_safetensors(tmp_path):
 # ---- (g) determinism ----
 
 @pytest.fixture(scope="module")
-def two_shardings(tmp_path_factory):
+def two_shardings(pair_factory):
     kw = dict(hidden_size=256, intermediate_size=512, num_layers=3, vocab_size=1024, nonfloat_buffer=True, seed=8)
-    p1 = synth.make_pair(tmp_path_factory.mktemp("d1"), sft_shard_bytes=700_000, aligned_shard_bytes=300_000, **kw)
-    p2 = synth.make_pair(tmp_path_factory.mktemp("d2"), sft_shard_bytes=None, aligned_shard_bytes=1_100_000, **kw)
+    p1 = pair_factory(sft_shard_bytes=700_000, aligned_shard_bytes=300_000, **kw)
+    p2 = pair_factory(sft_shard_bytes=None, aligned_shard_bytes=1_100_000, **kw)
     return p1, p2
 
 

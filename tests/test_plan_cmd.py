@@ -4,12 +4,11 @@ import json
 import os
 
 from expo_dist.cli import main
-from expo_dist.testing.synth import make_pair
 
 
-def test_plan_matches_merge(local_ray, tmp_path, capsys):
-    sft, aligned = make_pair(tmp_path / "p", hidden_size=128, intermediate_size=384, vocab_size=2000,
-                             extra_vocab=3, sft_shard_bytes=300_000, aligned_shard_bytes=200_000, seed=6)
+def test_plan_matches_merge(local_ray, pair_factory, tmp_path, capsys):
+    sft, aligned = pair_factory(hidden_size=128, intermediate_size=384, vocab_size=2000, extra_vocab=3,
+                                sft_shard_bytes=300_000, aligned_shard_bytes=200_000, seed=6)
     args = ["--sft", str(sft), "--aligned", str(aligned), "--alpha", "0.3", "--max-shard-size", "400KB",
             "--max-task-bytes", "1MiB"]
     assert main(["plan", *args, "--json"]) == 0
@@ -31,10 +30,10 @@ def test_plan_matches_merge(local_ray, tmp_path, capsys):
     assert f"in {report['tasks']} tasks" in text and "vocab-extended" in text
 
 
-def test_plan_refuses_mismatch_naming_tensors(tmp_path, capsys):
+def test_plan_refuses_mismatch_naming_tensors(pair_factory, capsys):
     from safetensors.torch import load_file, save_file
 
-    sft, aligned = make_pair(tmp_path / "a", seed=1)
+    sft, aligned = pair_factory(seed=1, private=True)
     path = os.path.join(aligned, "model.safetensors")
     sd = load_file(path)
     del sd["model.layers.1.mlp.up_proj.weight"]

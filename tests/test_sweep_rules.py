@@ -6,11 +6,10 @@ import os
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact, expected_bytes, load_dtypes, load_model, tensor_bytes
-from expo_dist.testing.synth import make_pair
 
 
-def test_sweep_writes_each_alpha_exactly_from_one_read(local_ray, tmp_path):
-    sft, aligned = make_pair(tmp_path / "p", sft_shard_bytes=150_000, aligned_shard_bytes=110_000, seed=8)
+def test_sweep_writes_each_alpha_exactly_from_one_read(local_ray, pair_factory, tmp_path):
+    sft, aligned = pair_factory("two-shards", seed=8)
     single = run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.3, out=str(tmp_path / "one"),
                            max_shard_size="200KB"), progress=False)
     m = run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=[0.1, 0.3, 0.5], out=str(tmp_path / "sweep"),
@@ -29,8 +28,8 @@ def test_sweep_writes_each_alpha_exactly_from_one_read(local_ray, tmp_path):
     assert m["outputs"]["0.5"].endswith("alpha-0.5")
 
 
-def test_rules_give_each_tensor_its_alpha(local_ray, tmp_path):
-    sft, aligned = make_pair(tmp_path / "p", num_layers=3, seed=9)
+def test_rules_give_each_tensor_its_alpha(local_ray, pair_factory, tmp_path):
+    sft, aligned = pair_factory(num_layers=3, seed=9)
     rules = [{"match": "model.embed_tokens.*", "alpha": 0},
              {"regex": r"model\.layers\.2\..*", "scale": 0.5}]
     out = tmp_path / "o"
@@ -48,10 +47,10 @@ def test_rules_give_each_tensor_its_alpha(local_ray, tmp_path):
     assert "model.embed_tokens.*" in (out / "README.md").read_text()
 
 
-def test_verify_follows_the_recorded_rules(local_ray, tmp_path, capsys):
+def test_verify_follows_the_recorded_rules(local_ray, pair_factory, tmp_path, capsys):
     from expo_dist.cli import main
 
-    sft, aligned = make_pair(tmp_path / "p", num_layers=2, seed=10)
+    sft, aligned = pair_factory(num_layers=2, seed=10)
     out = tmp_path / "o"
     run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.4, out=str(out),
                   alpha_rules=[{"match": "model.layers.1.*", "alpha": 0.1}]), progress=False)

@@ -48,9 +48,8 @@ def headers(path: pathlib.Path) -> tuple[dict, int]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pair")
-    return synth.make_pair(out, nonfloat_buffer=True, sft_shard_bytes=40_000, aligned_shard_bytes=27_000, seed=3)
+def pair(pair_factory):
+    return pair_factory("sharded", nonfloat_buffer=True, seed=3)
 
 
 def expected_saved_keys(model) -> dict[str, tuple]:
@@ -65,11 +64,10 @@ def expected_saved_keys(model) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_layout_matches_transformers(tmp_path, tie):
+def test_layout_matches_transformers(pair_factory, tie):
     from transformers import AutoConfig, LlamaForCausalLM
 
-    sft, aligned = synth.make_pair(tmp_path, tie_word_embeddings=tie, extra_vocab=5, num_layers=3,
-                                   sft_shard_bytes=50_000)
+    sft, aligned = pair_factory(tie_word_embeddings=tie, extra_vocab=5, num_layers=3, sft_shard_bytes=50_000)
     for folder, vocab in ((sft, 256), (aligned, 261)):
         cfg = AutoConfig.from_pretrained(folder)
         assert cfg.vocab_size == vocab and cfg.tie_word_embeddings == tie and cfg.num_hidden_layers == 3
@@ -180,10 +178,10 @@ def test_dtypes_and_extra_vocab_in_chunks(tmp_path, monkeypatch, dtype):
     assert 0.04 < d.std().item() < 0.06
 
 
-def test_tokenizer_and_side_files(tmp_path):
+def test_tokenizer_and_side_files(pair_factory):
     from transformers import AutoTokenizer, GenerationConfig
 
-    sft, aligned = synth.make_pair(tmp_path, extra_vocab=4, vocab_size=300)
+    sft, aligned = pair_factory(extra_vocab=4, vocab_size=300)
     for folder, vocab in ((sft, 300), (aligned, 304)):
         for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "chat_template.jinja"):

@@ -13,7 +13,6 @@ from expo_dist.formats.reader import LocalReader
 from expo_dist.formats.safetensors import read_header
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
-from expo_dist.testing.synth import make_pair
 from expo_dist.verify import verify
 
 ALPHA = 0.3
@@ -23,12 +22,10 @@ VOCAB, EXTRA, HIDDEN = 256, 13, 64
 
 
 @pytest.fixture(scope="module")
-def merged(local_ray, tmp_path_factory):
+def merged(local_ray, pair_factory, tmp_path_factory):
     """Sharded f32 output with a vocabulary extension (copied rows) and a non-float buffer (copied)."""
-    root = tmp_path_factory.mktemp("verify")
-    sft, aligned = make_pair(root / "pair", dtype="float32", extra_vocab=EXTRA, nonfloat_buffer=True,
-                             sft_shard_bytes=150_000, aligned_shard_bytes=110_000, seed=7)
-    out = root / "out"
+    sft, aligned = pair_factory("two-shards", dtype="float32", extra_vocab=EXTRA, nonfloat_buffer=True, seed=7)
+    out = tmp_path_factory.mktemp("verify") / "out"
     run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=ALPHA, out=str(out), max_shard_size="200KB",
                   max_task_bytes="1MiB"), progress=False)
     return sft, aligned, out
@@ -227,8 +224,8 @@ def test_usage_errors_exit_2(merged, capsys, tmp_path):
     assert "finite" in capsys.readouterr().err
 
 
-def test_single_file_output(local_ray, tmp_path, capsys):
-    sft, aligned = make_pair(tmp_path / "pair", dtype="bfloat16", tie_word_embeddings=True, seed=2)
+def test_single_file_output(local_ray, pair_factory, tmp_path, capsys):
+    sft, aligned = pair_factory("tied", dtype="bfloat16", seed=2)
     out = tmp_path / "out"
     run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=0.5, out=str(out)), progress=False)
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
@@ -265,13 +262,12 @@ def add_extra_dtypes(folder, seed):
 
 
 @pytest.fixture(scope="module")
-def merged_dtypes(local_ray, tmp_path_factory):
+def merged_dtypes(local_ray, pair_factory, tmp_path_factory):
     """A sharded output whose extra tensors are FP8 (e4m3, e5m2) and U16/U32/U64, as merge copies them."""
-    root = tmp_path_factory.mktemp("dtypes")
-    sft, aligned = make_pair(root / "pair", dtype="bfloat16", seed=11)
+    sft, aligned = pair_factory(dtype="bfloat16", seed=11, private=True)
     add_extra_dtypes(sft, 1)
     add_extra_dtypes(aligned, 2)
-    out = root / "out"
+    out = tmp_path_factory.mktemp("dtypes") / "out"
     run(MergeSpec(sft=str(sft), aligned=str(aligned), alpha=ALPHA, out=str(out), max_shard_size="60KB",
                   max_task_bytes="1MiB"), progress=False)
     man = json.loads((out / "expo_manifest.json").read_text())

@@ -22,6 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "expo_merge.sbatch"
 ALPHA = 0.3
+SEED = 11  # the inputs: pair_factory("small", seed=SEED), ~8 MB bf16 per model, shard boundaries differ per model
 # Several output shards and ~10 tasks of ≤1 MiB: enough that both Ray nodes get work.
 SPLIT_ARGS = ["--max-shard-size", "2MB", "--max-task-bytes", "1MiB"]
 
@@ -68,14 +69,6 @@ def ray_job_skip_reason() -> str | None:
 
 
 # ---- inputs and checks --------------------------------------------------------------------------
-
-def make_small_pair(folder: pathlib.Path):
-    """~8 MB bf16 Llama pair with different shard boundaries per model: (sft_dir, aligned_dir)."""
-    from expo_dist.testing.synth import make_pair
-
-    return make_pair(folder, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
-                     vocab_size=2048, sft_shard_bytes=3_000_000, aligned_shard_bytes=2_000_000, seed=11)
-
 
 def assert_exact_output(out, sft, aligned, alpha=ALPHA) -> int:
     """Every element equals float64 a + α·(a − s) rounded once to the output dtype (bf16 here).

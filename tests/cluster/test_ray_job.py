@@ -21,11 +21,11 @@ import urllib.request
 import pytest
 from cluster_conftest import (
     ALPHA,
+    SEED,
     SPLIT_ARGS,
     assert_exact_output,
     dump,
     free_port,
-    make_small_pair,
     manifest_workers,
     processes_of,
     ray_job_skip_reason,
@@ -126,9 +126,9 @@ def _submit_and_wait(url, env, tmp, sid, wd, entrypoint, timeout=600) -> tuple[s
     return status["s"], logs.stdout
 
 
-def test_ray_job_submit_merges_exactly(ray_head, tmp_path):
+def test_ray_job_submit_merges_exactly(ray_head, pair_factory, tmp_path):
     url, env, tmp = ray_head
-    sft, aligned = make_small_pair(tmp_path / "pair")
+    sft, aligned = pair_factory("small", seed=SEED)
     out = tmp_path / "out"
     wd = tmp_path / "job_wd"  # the job's working_dir is uploaded: keep it tiny (no models in it)
     wd.mkdir()

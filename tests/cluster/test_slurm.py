@@ -14,12 +14,12 @@ import pytest
 from cluster_conftest import (
     ALPHA,
     SBATCH,
+    SEED,
     SPLIT_ARGS,
     assert_exact_output,
     dump,
     job_state,
     looks_complete,
-    make_small_pair,
     manifest_workers,
     processes_of,
     slurm_env,
@@ -33,8 +33,8 @@ RAY_TMP = "/tmp/expo-ray-{}"  # the script's default per-job Ray temp dir
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_small_pair(tmp_path_factory.mktemp("pair"))
+def pair(pair_factory):
+    return pair_factory("small", seed=SEED)
 
 
 def test_sbatch_merges_on_two_ray_nodes_exactly(pair, tmp_path, ray_tmp_cleanup):
