@@ -96,6 +96,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from .settings import Settings
     from .verify.check import verify
 
     sft, aligned, alpha = args.sft, args.aligned, args.alpha
@@ -107,7 +108,7 @@ def cmd_verify(args) -> int:
         if alpha is None and not isinstance(cfg.get("alpha"), list):  # a sweep: each folder's manifest says
             alpha = cfg.get("alpha")
     report = verify(args.out, sft=sft, aligned=aligned, alpha=alpha, sample=None if args.full else args.sample,
-                    seed=args.seed, verbose=args.verbose)
+                    seed=args.seed, verbose=args.verbose, hub_attempts=Settings.from_env().hub_attempts)
     print(report.verdict())
     return 0 if report.ok else 1
 

@@ -21,6 +21,7 @@ from ..formats.folder import INDEX, MANIFEST, WORK
 from ..formats.reader import LocalReader, pread_into
 from ..planning.plan import natural_key
 from ..planning.rules import parse_alpha, parse_rules, show_value
+from ..settings import HUB_ATTEMPTS
 from ..sources.index import ModelIndex, index_model
 from .recompute import CHUNK_ELEMS, DEFAULT_SAMPLE, check_values
 from .verdict import Report, printable
@@ -188,8 +189,10 @@ def _source(text: str) -> str:
 
 def verify(out: str, sft: str | None = None, aligned: str | None = None, alpha: float | None = None,
            sample: int | None = DEFAULT_SAMPLE, seed: int = 0, chunk_elems: int = CHUNK_ELEMS,
-           verbose: bool = False, say: Callable[[str], None] | None = None) -> Report:
-    """Check the output folder; recompute tensors when sft and aligned are given (sample=None: all).
+           verbose: bool = False, say: Callable[[str], None] | None = None,
+           hub_attempts: int = HUB_ATTEMPTS) -> Report:
+    """Check the output folder; recompute tensors when sft and aligned are given (sample=None: all; Hub inputs:
+    hub_attempts tries of each request, Settings.hub_attempts).
 
     Problems, warnings and a summary go to say() (default: stderr); per-file and per-tensor lines only
     when verbose. The caller prints report.verdict()."""
@@ -220,7 +223,7 @@ def verify(out: str, sft: str | None = None, aligned: str | None = None, alpha: 
             say(f"alpha {alpha} (from {MANIFEST})")
         alpha = parse_alpha(alpha)
         check_values(idx, _source(sft), _source(aligned), alpha, report, say, rules=_manifest_rules(out),
-                     sample=sample, seed=seed, chunk_elems=chunk_elems, detail=detail)
+                     sample=sample, seed=seed, chunk_elems=chunk_elems, detail=detail, hub_attempts=hub_attempts)
     for p in report.problems:
         say(f"problem: {p}")
     return report

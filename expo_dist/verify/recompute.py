@@ -19,6 +19,7 @@ from ..formats.folder import side_files
 from ..formats.reader import LocalReader
 from ..planning.plan import COPY, EXTRAPOLATE, Segment, make_plan, natural_key, tensor_sources
 from ..planning.rules import Rule, alphas_for
+from ..settings import HUB_ATTEMPTS
 from ..sources.fetch import local_path  # a Hub input's weight file is named by an hf:// ref: its file in this cache
 from ..sources.index import ModelIndex, index_model
 from .verdict import Report
@@ -30,13 +31,14 @@ DEFAULT_SAMPLE = 8
 class _Files:
     """The input and output files, each open once for positional reads (formats.reader.LocalReader)."""
 
-    def __init__(self):
+    def __init__(self, hub_attempts: int = HUB_ATTEMPTS):
         self.readers: dict[str, LocalReader] = {}
+        self.hub_attempts = hub_attempts
 
     def pread(self, path: str, offset: int, n: int) -> bytearray:
         r = self.readers.get(path)
         if r is None:
-            r = self.readers[path] = LocalReader(local_path(path), path)
+            r = self.readers[path] = LocalReader(local_path(path, attempts=self.hub_attempts), path)
         buf = bytearray(n)
         r.read_into(memoryview(buf), offset)
         return buf
@@ -52,11 +54,12 @@ class _Files:
 def check_values(out_idx: ModelIndex, sft_root: str, aligned_root: str, alpha: float, report: Report,
                  say: Callable[[str], None], rules: list[Rule] = (), sample: int | None = DEFAULT_SAMPLE,
                  seed: int = 0, chunk_elems: int = CHUNK_ELEMS,
-                 detail: Callable[[str], None] = lambda msg: None) -> None:
+                 detail: Callable[[str], None] = lambda msg: None, hub_attempts: int = HUB_ATTEMPTS) -> None:
     """Recompute tensors from the inputs, with the per-tensor alpha rules the merge used (its manifest's).
-    sample=None: every extrapolated tensor."""
+    sample=None: every extrapolated tensor. hub_attempts: tries of each Hub request (Settings.hub_attempts)."""
     report.with_inputs = True
-    sft, aligned = index_model(sft_root), index_model(aligned_root)
+    sft = index_model(sft_root, hub_attempts=hub_attempts)
+    aligned = index_model(aligned_root, hub_attempts=hub_attempts)
     big = 1 << 62  # one shard, one task: each tensor's segments in plain element order
     plan = make_plan(tensor_sources(sft), tensor_sources(aligned), alpha_for=alphas_for((alpha,), list(rules)),
                      sft_config=sft.config,
@@ -94,7 +97,7 @@ def check_values(out_idx: ModelIndex, sft_root: str, aligned_root: str, alpha: f
     chosen = set(extrap)
     if sample is not None and sample < len(extrap):
         chosen = set(random.Random(seed).sample(extrap, sample))
-    files = _Files()
+    files = _Files(hub_attempts)
     try:
         for name in names:
             ref = have[name]
