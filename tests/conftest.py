@@ -52,10 +52,7 @@ def pair_factory(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray():
     """One embedded Ray per test module (start-up costs seconds here)."""
-    import ray
+    from clusters import embedded_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    with embedded_ray(num_cpus=4) as ray:
+        yield ray

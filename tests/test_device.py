@@ -18,6 +18,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from clusters import embedded_ray
 
 from expo_dist import merge
 from expo_dist.cli import main
@@ -182,13 +183,8 @@ def test_failure_line_names_node_and_gpu(monkeypatch):
 @pytest.fixture(scope="module")
 def fake_gpu_ray():
     """One embedded Ray for the module with one GPU that is not there."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    with embedded_ray(num_cpus=2, num_gpus=1) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

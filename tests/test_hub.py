@@ -627,24 +627,15 @@ def test_online_merge_fetches_only_needed_files(hub, big, tmp_path):
 
 DRIVER = textwrap.dedent("""
     import json, sys
-    import ray
-    from ray.cluster_utils import Cluster
+    from clusters import ray_cluster
     from expo_dist.merge import run
     from expo_dist.spec import MergeSpec
 
     caches, spec = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "env_vars": {"HF_HUB_CACHE": caches[0]}})
-    for cache in caches[1:]:
-        c.add_node(num_cpus=1, env_vars={"HF_HUB_CACHE": cache})  # per-node cache: the raylet's env, inherited
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    try:
+    # per-node cache: the raylet's env, inherited by its workers
+    with ray_cluster(len(caches), node_env=[{"HF_HUB_CACHE": cache} for cache in caches]):
         m = run(MergeSpec(**spec), progress=False)
         print(json.dumps(m["workers"]))
-    finally:
-        ray.shutdown()
-        c.shutdown()
 """)
 
 
