@@ -7,6 +7,7 @@ Ray cluster (ray.cluster_utils.Cluster) that has one node, then gets a second on
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -151,4 +152,5 @@ def test_waits_for_the_node_then_merges_on_both(one_node_cluster, pair, tmp_path
     stderr = "".join(lines)
     assert proc.returncode == 0, stderr
     assert "waiting for 2 Ray nodes (1 joined so far" in stderr, stderr
+    assert json.loads(stdout)["out"] == str(out), stdout
     assert_exact(str(out), str(pair[0]), str(pair[1]), ALPHA, tie=False)
