@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 
+import faulthooks
 import pytest
 import torch
 
 from expo_dist.cli import main
 from expo_dist.formats.safetensors import read_header
-from expo_dist.runtime.worker import TEST_DELAY_ENV
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPLETE = ("model.safetensors.index.json", "model.safetensors", "expo_manifest.json")
@@ -365,7 +365,7 @@ def test_disk_fills_up_mid_merge_then_resumes(local_ray, mid, mid_reference, tmp
     disk = tmpfs("24m")
     out = disk / "out"
     argv = ["merge", "--sft", str(mid[0]), "--aligned", str(mid[1]), "--out", str(out), "-q", *MID_ARGS]
-    env = dict(os.environ, **{TEST_DELAY_ENV: "0.3"})  # test-only: slow tasks, so the disk fills mid-merge
+    env = dict(os.environ, **faulthooks.env(delay=0.3))  # test-only: slow tasks, so the disk fills mid-merge
     p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *argv], cwd=REPO, text=True,
                          env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)

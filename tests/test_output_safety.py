@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import faulthooks
 import pytest
 
 from expo_dist.cli import main
@@ -20,7 +21,6 @@ from expo_dist.merge import build_plan, fingerprint, prepare_output
 from expo_dist.output.journal import Journal
 from expo_dist.output.lock import OutputLock
 from expo_dist.output.owned import clear_owned
-from expo_dist.runtime.worker import TEST_DELAY_ENV
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_exact, assert_same
 
@@ -208,7 +208,7 @@ def test_second_run_on_the_same_out_is_refused_and_the_first_is_intact(local_ray
     assert main(argv(pair, lone)) == 0
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[TEST_DELAY_ENV] = "0.2"
+    env.update(faulthooks.env(delay=0.2))
     first = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *argv(pair, out)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
@@ -310,7 +310,7 @@ def test_resume_refuses_an_input_rewritten_in_place_with_its_mtime_set_back(pair
 def test_sigterm_exits_143_wherever_it_lands(pair, tmp_path, after):
     """Before Ray starts, while it starts, and mid-merge: always one line and 143 (Slurm reads it)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[TEST_DELAY_ENV] = "0.3"
+    env.update(faulthooks.env(delay=0.3))
     p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *argv(pair, tmp_path / "out")], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(after)
