@@ -19,9 +19,11 @@ from .planning.rules import alphas_for, unused
 from .runtime.scheduler import Scheduler
 from .runtime.session import Progress, connect, shutdown
 from .settings import Settings
+from .sources import s3
 from .sources.index import ModelIndex, index_model
 from .sources.refs import is_ref
-from .spec import MergeSpec
+from .sources.s3 import is_s3
+from .spec import DEFAULT_TASK_BYTES, MergeSpec
 
 log = logging.getLogger("expo_dist")
 
@@ -39,7 +41,7 @@ def build_plan(spec: MergeSpec, settings: Settings | None = None) -> tuple[Plan,
     rules = spec.rules()
     plan = make_plan(tensor_sources(sft), tensor_sources(aligned), alpha_for=alphas_for(spec.alphas, rules),
                      sft_config=sft.config, aligned_config=aligned.config,
-                     max_task_bytes=spec.max_task_bytes, max_shard_size=spec.max_shard_size)
+                     max_task_bytes=plan_task_bytes(spec), max_shard_size=spec.max_shard_size)
     for rule in unused(rules, plan.decisions):
         plan.warnings.append(f"alpha rule {rule.describe()} matches no tensor")
     side_files(aligned.root, plan.warnings)  # links out of the folder, FIFOs...: said before any work
@@ -64,19 +66,31 @@ def fingerprint(plan: Plan, spec: MergeSpec) -> str:
 def _input_identity(f: str) -> list:
     """A local file by name, size, mtime, device, inode and ctime (a file rewritten in place with its mtime set
     back still gets a new ctime, which no one can set back; a file replaced by another gets a new inode); a Hub
-    file by its ref, which pins the commit (immutable)."""
+    file by its ref, which pins the commit (immutable); an object by its size and ETag."""
     if is_ref(f):
         return [f]
+    if is_s3(f):
+        return [f, *s3.identity(f)]
     st = os.stat(f)
     return [f, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
-def prepare_output(spec: MergeSpec, plan: Plan, aligned_root: str) -> LocalWriter:
-    """The output, ready to be written: locked, then resumed, refused, or (--overwrite) cleared of what an earlier
-    run wrote there."""
-    writer = LocalWriter(spec.out, spec.out_dirs(), plan, aligned_root, [spec.sft, spec.aligned], spec.overwrite)
+def prepare_output(spec: MergeSpec, plan: Plan, aligned_root: str) -> OutputWriter:
+    """The output (a folder, or an s3:// prefix), ready to be written: locked, then resumed, refused, or
+    (--overwrite) cleared of what an earlier run wrote there."""
+    if is_s3(spec.out):
+        from .output.s3writer import S3Writer
+
+        writer = S3Writer(spec.out, spec.out_dirs(), plan, aligned_root, plan_task_bytes(spec), spec.overwrite)
+    else:
+        writer = LocalWriter(spec.out, spec.out_dirs(), plan, aligned_root, [spec.sft, spec.aligned],
+                             spec.overwrite)
     writer.prepare(fingerprint(plan, spec))
     return writer
+
+
+def plan_task_bytes(spec: MergeSpec) -> int:
+    return spec.max_task_bytes or DEFAULT_TASK_BYTES
 
 
 def run(spec: MergeSpec, progress: bool = True, settings: Settings | None = None) -> dict:
@@ -91,7 +105,11 @@ def run(spec: MergeSpec, progress: bool = True, settings: Settings | None = None
     try:
         return _run(spec, settings, plan, writer, progress, {"sft": sft.origin, "aligned": aligned.origin})
     except OSError as e:  # the output disk filled up or went read-only under us
+        writer.fail(e)
         raise MergeFailed(writer.error_line(e)) from None
+    except BaseException as e:
+        writer.fail(e)
+        raise
     finally:
         writer.release()
 

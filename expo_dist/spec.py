@@ -29,8 +29,10 @@ from .errors import ExpoError
 from .planning.plan import parse_size
 from .planning.rules import kind_of, parse_rules, show_value
 from .settings import IO_MODES
+from .sources.s3 import is_s3, split
 
 DEFAULT_TASK_BYTES = 256 << 20
+S3_TASK_BYTES = 64 << 20  # an s3:// output's part size (a worker holds one part per output in memory)
 DEFAULT_SHARD_SIZE = "5GB"
 MAX_WORKERS = 100_000
 MAX_ATTEMPTS = 1000
@@ -38,6 +40,13 @@ DEVICES = ("auto", "cuda", "cpu")
 MAX_CONFIG_BYTES = 1 << 20
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: fast, and bounds nesting itself
 DEVICE_HELP = "auto: a GPU per worker where the cluster has GPUs, else CPU; cpu: never use GPUs; cuda: require GPUs"
+
+
+def s3_task_bytes(outputs: int) -> int:
+    """The task (= part) size for an s3:// output of `outputs` alphas: 64 MiB, less for a sweep so that a worker's
+    part buffers stay near 256 MiB, never under 8 MiB (S3 wants 5 MiB)."""
+    return max(8 << 20, min(S3_TASK_BYTES, (256 << 20) // max(1, outputs) >> 20 << 20))
+
 
 # key -> (type, one-line description): the merge config's fields, in the order the help lists them
 FIELDS: dict[str, tuple[str, str]] = {
@@ -125,7 +134,7 @@ class MergeSpec:
     wait_nodes: int | None = None  # with address: wait until this many Ray nodes are alive (runtime.session)
     wait_timeout: float | None = None  # seconds wait_nodes waits (None: session.DEFAULT_WAIT_TIMEOUT)
     workers: int | None = None
-    max_task_bytes: int = DEFAULT_TASK_BYTES
+    max_task_bytes: int | None = None  # None: DEFAULT_TASK_BYTES, or for an s3:// output s3_task_bytes()
     max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
     overwrite: bool = False
     max_attempts: int = 4
@@ -146,6 +155,8 @@ class MergeSpec:
         """One output folder; with a sweep OUT/alpha-<value>/ for each alpha."""
         if not self.sweep:
             return [self.out]
+        if is_s3(self.out):
+            return [f"{self.out}/alpha-{a:g}" for a in self.alphas]
         return [os.path.join(self.out, f"alpha-{a:g}") for a in self.alphas]
 
     def rules(self):
@@ -162,7 +173,7 @@ class MergeSpec:
         for key in FIELDS:  # every field against the schema, named by its flag
             setattr(self, key, check_field(key, getattr(self, key)))
         if self.max_task_bytes is None:
-            self.max_task_bytes = DEFAULT_TASK_BYTES
+            self.max_task_bytes = s3_task_bytes(len(self.alphas)) if is_s3(self.out) else DEFAULT_TASK_BYTES
         if self.max_shard_size is None:
             self.max_shard_size = parse_size(DEFAULT_SHARD_SIZE)
         if self.overwrite is None:
@@ -173,7 +184,10 @@ class MergeSpec:
             self.device = "auto"
         if self.wait_nodes and self.wait_nodes > 1 and not self.address:
             raise ExpoError(f"--wait-nodes {self.wait_nodes} needs --address (Ray started here has one node)")
-        if self.out:
+        if is_s3(self.out):
+            split(self.out)  # a bucket and a clean key, or one line
+            self.out = self.out.rstrip("/")
+        elif self.out:
             self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))

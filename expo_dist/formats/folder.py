@@ -29,6 +29,12 @@ def shard_name(i: int, total: int) -> str:
     return SINGLE if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
 
 
+def plain_name(name) -> bool:
+    """A file name that stays in its folder: no separators, not '.' or '..', no NUL."""
+    return (isinstance(name, str) and bool(name) and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))
+
+
 def is_side_file(name: str) -> bool:
     """A top-level file of the aligned model that goes into the output as it is (config, tokenizer, template...)."""
     return not (name in SKIP_FILES or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES)

@@ -127,35 +127,48 @@ weight file.
 """
 
 
-def finish(out: str, plan: Plan, aligned_root: str, info: RunInfo, sealed: dict[str, dict], variant: int = 0) -> dict:
-    """Copy side files, write card and manifest, move shards into place, write the index last.
+def documents(plan: Plan, info: RunInfo, sealed: dict[str, dict], side: list[str], warnings: list[str],
+              variant: int = 0) -> tuple[dict, dict[str, bytes]]:
+    """What an output holds besides its shards and side files: (manifest, {name: bytes} of the card, the manifest
+    and, for a sharded model, the index), whatever the output is (folder, bucket prefix, Hub commit).
 
-    variant: which alpha of a sweep this folder holds (per-tensor alphas in the manifest)."""
-    wdir = work_dir(out)
+    variant: which alpha of a sweep this output holds (per-tensor alphas in the manifest)."""
+    manifest = Manifest(
+        info, total_size=plan.total_size, files={s.file: sealed[s.file] for s in plan.shards},
+        tensors={k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "alpha": d.alphas[variant] if d.alphas
+                     else None} for k, d in plan.decisions.items()},
+        warnings=warnings, written=output_names(plan, side)).to_json()
+    docs = {CARD: model_card(info).encode(), MANIFEST: json.dumps(manifest, indent=2).encode()}
+    if len(plan.shards) > 1:
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map().items()))}
+        docs[INDEX] = (json.dumps(index, indent=2) + "\n").encode()
+    return manifest, docs
+
+
+def skipped_side_files(plan: Plan, aligned_root: str) -> tuple[list[str], list[str]]:
+    """(the side files to copy, warnings about links and special files not said before the merge)."""
     skipped: list[str] = []
     side = side_files(aligned_root, skipped)
     skipped = [w for w in skipped if w not in plan.warnings]  # build_plan said these before the merge
     for w in skipped:
         log.warning("%s", w)
+    return side, skipped
+
+
+def finish(out: str, plan: Plan, aligned_root: str, info: RunInfo, sealed: dict[str, dict], variant: int = 0) -> dict:
+    """Copy side files, write card and manifest, move shards into place, write the index last."""
+    wdir = work_dir(out)
+    side, skipped = skipped_side_files(plan, aligned_root)
     for name in side:
         copy_side_file(aligned_root, name, os.path.join(out, name))
-    atomic_write(os.path.join(out, CARD), model_card(info).encode())
-    manifest = Manifest(
-        info, total_size=plan.total_size, files={s.file: sealed[s.file] for s in plan.shards},
-        tensors={k: {"op": d.op, "dtype": d.dtype, "shape": list(d.shape), "alpha": d.alphas[variant] if d.alphas
-                     else None} for k, d in plan.decisions.items()},
-        warnings=plan.warnings + skipped, written=output_names(plan, side)).to_json()
-    atomic_write(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
-    sharded = len(plan.shards) > 1
+    manifest, docs = documents(plan, info, sealed, side, plan.warnings + skipped, variant)
+    atomic_write(os.path.join(out, CARD), docs[CARD])
+    atomic_write(os.path.join(out, MANIFEST), docs[MANIFEST])
     for shard in plan.shards:
-        if sharded:
-            os.replace(os.path.join(wdir, shard.file), os.path.join(out, shard.file))
-    if sharded:
-        fsync_dir(out)
-        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map().items()))}
-        atomic_write(os.path.join(out, INDEX), (json.dumps(index, indent=2) + "\n").encode())
-    else:
-        os.replace(os.path.join(wdir, plan.shards[0].file), os.path.join(out, plan.shards[0].file))
+        os.replace(os.path.join(wdir, shard.file), os.path.join(out, shard.file))
     fsync_dir(out)
+    if INDEX in docs:
+        atomic_write(os.path.join(out, INDEX), docs[INDEX])
+        fsync_dir(out)
     shutil.rmtree(wdir, ignore_errors=True)
     return manifest

@@ -14,7 +14,7 @@ import os
 import stat
 
 from ..errors import ExpoError
-from ..formats.folder import CARD, INDEX, MANIFEST, SHARD, WORK
+from ..formats.folder import CARD, INDEX, MANIFEST, SHARD, WORK, plain_name
 from ..formats.jsonsafe import load_file
 from ..runtime.fileio import atomic_write
 from .journal import JOURNAL, PLAN
@@ -26,12 +26,6 @@ OWNED = "owned.json"
 LOCK_FILES = (LOCK, LEASE)  # the run's own lock: kept while it clears the rest
 WORK_FILES = {PLAN, JOURNAL, OWNED, *LOCK_FILES}
 SHOWN = 5  # strangers named in the refusal
-
-
-def plain_name(name) -> bool:
-    """A file name that stays in its folder: no separators, not '.' or '..', no NUL."""
-    return (isinstance(name, str) and bool(name) and name not in (".", "..")
-            and not any(c in name for c in "/\\\0"))
 
 
 def _json(path: str):

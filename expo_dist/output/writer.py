@@ -11,6 +11,7 @@ A merge drives its output through these calls, in this order, whatever the outpu
     record(task, result)   journal a finished task (the scheduler's on_done)
     close_journal()        no task will finish any more
     commit(infos, sealed)  each output: side files, card, manifest, shards into place, the index last
+    fail(err)              the merge failed (called before release): an object-store output aborts its uploads
     release()              close the journal, give the lock up (always, also after a failure)
 
 error_line(e) turns an OSError met on the output side into the one line the user sees. An object-store or Hub
@@ -57,6 +58,8 @@ class OutputWriter(Protocol):
     def close_journal(self) -> None: ...
 
     def commit(self, infos: list[RunInfo], sealed: dict[int, dict[str, dict]]) -> list[dict]: ...
+
+    def fail(self, err: BaseException) -> None: ...
 
     def release(self) -> None: ...
 
@@ -172,6 +175,9 @@ class LocalWriter:
         if self.out_dirs != [self.out]:
             shutil.rmtree(work_dir(self.out), ignore_errors=True)
         return manifests
+
+    def fail(self, err: BaseException) -> None:
+        """(a folder keeps its staged shards and journal: the rerun resumes)"""
 
     def release(self) -> None:
         if self.journal is not None:

@@ -286,8 +286,14 @@ def _segments(lo: int, hi: int, shard: Shard, decisions, sft, aligned) -> list[S
     return segs
 
 
+def task_step(max_task_bytes: int) -> int:
+    """The task grid: a file's tasks end on multiples of this (whole MiB), so every task of a file but its first
+    (which starts after the header) and its last is exactly this long."""
+    return max(MIB, max_task_bytes // MIB * MIB)
+
+
 def cut_tasks(shards: list[Shard], decisions, sft, aligned, max_task_bytes: int) -> list[Task]:
-    step = max(MIB, max_task_bytes // MIB * MIB)
+    step = task_step(max_task_bytes)
     tasks: list[Task] = []
     for si, shard in enumerate(shards):
         start, end = len(shard.layout.header), shard.layout.size

@@ -31,9 +31,12 @@ from ..formats.reader import pread_into
 from ..planning.plan import COPY, EXTRAPOLATE, Task
 from ..planning.windows import ALIGN, CHUNK_BYTES, Run, Window, align_down, align_up, windows
 from ..settings import Settings
+from ..sources import s3
 from ..sources.fetch import local_path
+from ..sources.s3 import is_s3
 from . import ckernel
 from .fileio import aligned_empty, direct_ok, io_mode, open_direct, pwrite_all, resident_prefix
+from .s3parts import PartSink, PartTarget
 
 WRITEBACK_LAG = 4  # windows: wait for the writeback of the range written this many windows ago
 DIRECT_MIN = 256 << 10  # bytes: shorter reads go through the page cache (neighbouring small tensors)
@@ -84,6 +87,8 @@ class Runner:
         self.settings = settings = settings if settings is not None else Settings()
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
+        # an s3:// output (s3parts.PartTarget per output): each task is gathered and uploaded as one part
+        self.sink = PartSink(self.out_dirs, aligned_empty) if isinstance(self.out_dirs[0], PartTarget) else None
         self.device = str(device)
         # CPU with the C kernel: raw bytes in numpy buffers, no torch at all. Otherwise (a GPU, or no C
         # kernel, or Settings.kernel "torch") the torch ops of kernel.Kernel; or the kernel given (a kernel.Kernel
@@ -117,7 +122,8 @@ class Runner:
         self.reader = ThreadPoolExecutor(max(1, self.n_slots - 1), thread_name_prefix="expo-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="expo-write")
         self.written: list[tuple[int, int, int]] = []
-        self.io = {"direct_read": 0, "cached_read": 0, "direct_write": 0, "cached_write": 0}  # bytes
+        self.io = {"direct_read": 0, "cached_read": 0, "direct_write": 0, "cached_write": 0, "s3_read": 0,
+                   "s3_write": 0}  # bytes
 
     def _fd(self, path: str, write: bool = False, direct: bool = False) -> int | None:
         """A cached descriptor; with direct=True an O_DIRECT one, or None where the file system refuses it."""
@@ -177,7 +183,11 @@ class Runner:
     def run(self, task: Task) -> TaskResult:
         k_out = len(self.out_dirs)
         res = TaskResult(task.id, task.nbytes, [0] * k_out)
-        out_paths = [os.path.join(d, task.file) for d in self.out_dirs]
+        if self.sink is not None:
+            res.crc32s[:] = self.sink.begin(task.file, task.begin, task.end)  # (part 1: its header first)
+            out_paths = []
+        else:
+            out_paths = [os.path.join(d, task.file) for d in self.out_dirs]
         wins = windows(task, self.chunk)
         n = self.n_slots
         reads = {w: self.reader.submit(self._read, wins[w], self.slots[w % n]) for w in range(min(n, len(wins)))}
@@ -195,6 +205,9 @@ class Runner:
                 writes[w] = self.writer.submit(self._write, out_paths, win, slot, crc)
             for f in writes.values():
                 f.result()
+            if self.sink is not None:
+                self.sink.finish(task.file, crc)
+                self._count("s3_write", self.sink.size * k_out)
         finally:  # never leave a thread writing into a slot the next task will use
             for f in list(reads.values()) + list(writes.values()):
                 f.exception()
@@ -204,8 +217,12 @@ class Runner:
     def _read(self, win: Window, slot: Slot) -> None:
         slot.fit(win)
         views = {"a": memoryview(slot.a), "s": memoryview(slot.s)}
-        for r in win.runs:
+        for r in _joined(win.runs):
             view = views[r.which]
+            if is_s3(r.path):  # one ranged GET straight into the slot
+                s3.read_into(r.path, view[r.at: r.at + r.n], r.off, MergeFailed)
+                self._count("s3_read", r.n)
+                continue
             if self._direct(r.path, r.n):
                 fd = self._fd(r.path, direct=True)
                 if fd is not None:
@@ -263,6 +280,12 @@ class Runner:
         """The window's bytes: its whole blocks directly, its partial blocks (at a task's ends, which a
         neighbouring task may share) through the page cache."""
         pos, end, base = win.pos, win.pos + win.nbytes, win.out_base
+        if self.sink is not None:  # into the task's part buffers (uploaded when the task is done)
+            for k in range(len(self.out_dirs)):
+                view = memoryview(slot.o[k])[base: base + win.nbytes]
+                crc[k] = zlib.crc32(view, crc[k])
+                self.sink.put(k, pos, view)
+            return
         for k, path in enumerate(paths):
             view = memoryview(slot.o[k])[base: base + win.nbytes]
             crc[k] = zlib.crc32(view, crc[k])
@@ -293,3 +316,17 @@ class Runner:
                     start_writeback(old[0], old[1], old[2], True)
                 except OSError:  # the fd was closed meanwhile: nothing to wait for
                     pass
+
+
+def _joined(runs: list[Run]) -> list[Run]:
+    """Runs of an object in object storage that follow each other in the object and in the slot, joined into one
+    (one ranged GET instead of one per tensor piece); local runs as they are."""
+    out: list[Run] = []
+    for r in runs:
+        p = out[-1] if out else None
+        if (p is not None and is_s3(r.path) and r.path == p.path and r.which == p.which and r.off == p.off + p.n
+                and r.at == p.at + p.n):
+            out[-1] = Run(p.which, p.path, p.off, p.at, p.n + r.n)
+        else:
+            out.append(r)
+    return out

@@ -15,6 +15,7 @@ from ..errors import ExpoError, MergeFailed, check_terminated
 from ..planning.plan import Plan, Task
 from ..settings import Settings
 from ..sources.refs import is_ref
+from ..sources.s3 import is_s3
 from .filestate import FileOwnership, HashFrontier
 from .session import Progress
 
@@ -99,10 +100,14 @@ class Scheduler:
         self.files = FileOwnership(files, plan.tasks, skip)  # which node writes which file; tasks left
         self.frontier = HashFrontier(files, plan.tasks, skip)  # sha256 along each file's write frontier
         self.hasher: dict[str, object] = {}  # file -> actor hashing it
-        self.to_seal: deque[str] = deque(f for f in files if not self.files.has_work(f))
+        # files on a shared path are sealed (fsynced, hashed) by the workers; an object-store output's uploads are
+        # completed by its writer on the driver
+        self.sealing = all(isinstance(d, str) for d in self.out_dirs)
+        self.to_seal: deque[str] = deque(f for f in files if self.sealing and not self.files.has_work(f))
         self.attempts: dict[int, int] = defaultdict(int)
         self.last_error: dict[int, str] = {}
         self.hub = any(is_ref(f) for t in plan.tasks for f in t.input_files)
+        self.s3 = not self.sealing or any(is_s3(f) for t in plan.tasks for f in t.input_files)
         self.worker_args = dict(worker_args or {})
         self.device, n, self.opts = placement(device, ray.cluster_resources(), workers)
         self.n = max(1, min(n, len(plan.tasks) or 1))
@@ -115,12 +120,13 @@ class Scheduler:
         self.stats = RunStats()
 
     def _spawn(self):
-        from ..sources.fetch import worker_env
+        from ..sources import fetch, s3
         from .worker import MergeWorker
 
-        # Hub settings travel with the actors when the plan reads from the Hub. Without a runtime_env an actor
-        # can take one of the idle worker processes Ray started with itself instead of a new process.
-        env = worker_env() if self.hub else {}
+        # Hub and S3 settings travel with the actors when the plan reads from the Hub or S3 or writes to S3. Without
+        # a runtime_env an actor can take one of the idle worker processes Ray started with itself instead of a new
+        # process.
+        env = {**(fetch.worker_env() if self.hub else {}), **(s3.worker_env() if self.s3 else {})}
         opts = dict(runtime_env={"env_vars": env}) if env else {}
         return MergeWorker.options(scheduling_strategy="SPREAD", max_restarts=0, **opts, **self.opts).remote(
             self.out_dirs, self.device, self.cache_dir, self.settings, **self.worker_args)
@@ -275,13 +281,16 @@ class Scheduler:
         self._advance_hash(task.file, call.actor)
         if last:
             log.info("all tasks of %s done at %.2fs", task.file, time.monotonic() - t0)
-            self.to_seal.append(task.file)
+            if self.sealing:
+                self.to_seal.append(task.file)
 
     def _paths(self, fname: str) -> list[str]:
         return [os.path.join(d, fname) for d in self.out_dirs]
 
     def _advance_hash(self, fname: str, actor) -> None:
         """Tell the file's hasher how far the file is final (its finished prefix), every HASH_STEP bytes (filestate)."""
+        if not self.sealing:
+            return
         upto = self.frontier.due(fname)
         if upto is None:
             return

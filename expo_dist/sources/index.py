@@ -1,4 +1,5 @@
-"""Index a model (local folder or Hub repo): every tensor's file, dtype, shape and byte range, from headers alone."""
+"""Index a model (local folder, s3:// prefix or Hub repo): every tensor's file, dtype, shape and byte range, from
+headers alone."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .refs import Resolved, resolve
 
 @dataclass(frozen=True)
 class TensorRef:
-    file: str  # absolute path, or hf://org/name@<commit>/<file> (fetch.local_path resolves it on a worker)
+    file: str  # absolute path, s3://bucket/prefix/<file>, or hf://org/name@<commit>/<file> (fetch.local_path
+    # resolves that one on a worker)
     entry: TensorEntry
 
     @property
@@ -91,11 +93,11 @@ def index_model(source: str, cache_dir: str | None = None, hub_attempts: int = H
     hub_attempts: tries of each Hub range request (Settings.hub_attempts)."""
     src = resolve(source, cache_dir, hub_attempts)
     root = src.root
-    where = root if not src.is_hub else f"{src.repo_id}@{src.revision or 'main'}"
+    where = src.where
     for index_name, single_name, kind in ((INDEX, SINGLE, "safetensors"),
                                           (BIN_INDEX, BIN_SINGLE, "pytorch .bin")):
         if src.exists(index_name):
-            index_path = src.local_file(index_name) if not src.is_hub else src.display(index_name)
+            index_path = src.local_file(index_name) if not src.remote else src.display(index_name)
             weight_map = _load_weight_map(src.local_file(index_name), kind, index_path)
             files = []
             for name in weight_map.values():
@@ -115,7 +117,7 @@ def index_model(source: str, cache_dir: str | None = None, hub_attempts: int = H
 
     tensors: dict[str, TensorRef] = {}
     headers = {}
-    if src.is_hub and len(files) > 1:  # remote headers: a few range requests at a time
+    if src.remote and len(files) > 1:  # remote headers: a few range requests at a time
         with ThreadPoolExecutor(8) as pool:
             found = list(pool.map(lambda name: _header(src, name, kind), files))
     else:

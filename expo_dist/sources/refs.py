@@ -1,4 +1,5 @@
-"""Model sources: a local folder, or a Hugging Face Hub repo id with an optional @revision.
+"""Model sources: a local folder, an s3://bucket/prefix (sources.s3), or a Hugging Face Hub repo id with an optional
+@revision.
 
 Everything Hub-related goes through huggingface_hub's own functions, so HF_TOKEN (or `hf auth login`), HF_HOME /
 HF_HUB_CACHE (or --cache-dir), HF_ENDPOINT and HF_HUB_OFFLINE behave exactly as they do for transformers:
@@ -26,9 +27,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import ExpoError
-from ..formats.folder import is_side_file
+from ..formats.folder import is_side_file, plain_name
 from ..formats.reader import LocalReader
 from ..settings import HUB_ATTEMPTS
+from . import s3
 from .hub import HubReader, cached_listing, check_revision, offline_error, resolve_commit, snapshot_dir
 from .hubretry import hub_error, hub_exceptions
 
@@ -48,6 +50,7 @@ class SourceSpec:
     path: str | None = None  # a local folder
     repo_id: str | None = None
     revision: str | None = None  # None: the default branch
+    s3: str | None = None  # an s3://bucket/prefix
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -57,6 +60,9 @@ def parse_source(text: str) -> SourceSpec:
     if not isinstance(text, str) or not text.strip():
         raise ExpoError("a model source is empty: give a local folder or a Hub repo id (org/name[@revision])")
     text = text.strip()
+    if s3.is_s3(text):
+        s3.split(text)  # a valid bucket and key, or one line
+        return SourceSpec(text, s3=s3.prefix(text))
     path = os.path.expanduser(text)
     if not text.startswith(HF_SCHEME) and os.path.exists(path):
         return SourceSpec(text, path=os.path.abspath(path))
@@ -108,28 +114,52 @@ class Resolved:
     revision: str | None = None  # as asked (None: default branch)
     commit: str | None = None
     cache_dir: str | None = None
-    listing: dict[str, int | None] = field(default_factory=dict)  # Hub: top-level files -> size
+    listing: dict[str, int | None] = field(default_factory=dict)  # Hub, S3: top-level files -> size
     readers: list = field(default_factory=list)
     hub_attempts: int = HUB_ATTEMPTS  # tries of each range request (Settings.hub_attempts)
+    s3: str | None = None  # s3://bucket/prefix (root: a local temp folder holding its side files)
 
     @property
     def is_hub(self) -> bool:
         return self.repo_id is not None
 
+    @property
+    def remote(self) -> bool:
+        return self.is_hub or self.s3 is not None
+
+    @property
+    def where(self) -> str:
+        """How messages name the model."""
+        if self.is_hub:
+            return f"{self.repo_id}@{self.revision or 'main'}"
+        return self.s3 or self.root
+
     def exists(self, name: str) -> bool:
-        return name in self.listing if self.is_hub else os.path.isfile(os.path.join(self.root, name))
+        return name in self.listing if self.remote else os.path.isfile(os.path.join(self.root, name))
 
     def ref(self, name: str) -> str:
-        """What the plan names a weight file by: an absolute path, or hf://org/name@<commit>/<file>."""
+        """What the plan names a weight file by: an absolute path, s3://bucket/prefix/<file>, or
+        hf://org/name@<commit>/<file>."""
+        if self.s3 is not None:
+            return s3.join(self.s3, name)
         return make_ref(self.repo_id, self.commit, name) if self.is_hub else os.path.join(self.root, name)
 
     def display(self, name: str) -> str:
         if self.is_hub:
             return f"{name} in {self.repo_id}@{self.revision or 'main'}"
+        if self.s3 is not None:
+            return s3.join(self.s3, name)
         return os.path.join(self.root, name)
 
     def local_file(self, name: str) -> str:
-        """Local path of a small file (an index json): a folder's file, or downloaded into the cache (only it)."""
+        """Local path of a small file (an index json): a folder's file, or downloaded (into the cache for the Hub;
+        into root for S3), and only it."""
+        if self.s3 is not None:
+            path = os.path.join(self.root, name)
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    f.write(s3.get_bytes(s3.join(self.s3, name)))
+            return path
         if not self.is_hub:
             return os.path.join(self.root, name)
         from huggingface_hub import hf_hub_download
@@ -148,6 +178,10 @@ class Resolved:
 
     def reader(self, name: str):
         """Positional reads of a weight file: the local file (folder or cache) when there, else range requests."""
+        if self.s3 is not None:
+            r = s3.S3Reader(s3.join(self.s3, name), self.listing.get(name) or 0)
+            self.readers.append(r)
+            return r
         if not self.is_hub:
             return LocalReader(os.path.join(self.root, name))
         path = self.cached(name)
@@ -172,6 +206,8 @@ class Resolved:
         return self.cache_dir or constants.HF_HUB_CACHE
 
     def origin(self) -> dict:
+        if self.s3 is not None:
+            return {"url": self.s3}
         if self.is_hub:
             return {"repo_id": self.repo_id, "revision": self.revision or "main", "commit": self.commit}
         return {"path": self.root}
@@ -185,6 +221,8 @@ def resolve(text: str, cache_dir: str | None = None, hub_attempts: int = HUB_ATT
     """Resolve a source for planning. For a Hub repo: pin the commit, list the files, fetch the side files only;
     hub_attempts: tries of each header range request (Settings.hub_attempts)."""
     spec = parse_source(text)
+    if spec.s3 is not None:
+        return _resolve_s3(text, spec.s3)
     if spec.path is not None:
         if not os.path.isdir(spec.path):
             raise ExpoError(f"{spec.path}: not a directory (give a local model folder, or a Hub repo id "
@@ -234,6 +272,21 @@ def resolve(text: str, cache_dir: str | None = None, hub_attempts: int = HUB_ATT
     if root is None:
         root = snap if os.path.isdir(snap) else _empty_dir()
     return Resolved(text, root, repo, revision, commit, cache_dir, listing, hub_attempts=hub_attempts)
+
+
+def _resolve_s3(text: str, url: str) -> Resolved:
+    """A model under an s3:// prefix: list it, download only its side files (into a temp folder on this machine);
+    weight headers are read with ranged GETs."""
+    s3.check_bucket(url, "reading the model")
+    listing = {n: o.size for n, o in s3.list_top(url).items() if n}
+    if not listing:
+        raise ExpoError(f"{url}: no objects under this prefix (is this a model's prefix?)")
+    root = _empty_dir()
+    for name, size in sorted(listing.items()):
+        if is_side_file(name) and size <= SIDE_MAX_BYTES and plain_name(name):
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(s3.get_bytes(s3.join(url, name)))
+    return Resolved(text, root, listing=listing, s3=url)
 
 
 def _empty_dir() -> str:

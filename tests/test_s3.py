@@ -1,0 +1,276 @@
+"""--out s3:// and s3:// inputs against a real S3 server (SeaweedFS on 127.0.0.1, tests/s3server.py) with an
+embedded Ray: byte-identical to a local-disk merge, loadable by transformers, no multipart upload left behind,
+resume after the driver is killed, abort after a failure, --overwrite that removes only what expo_dist wrote."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import faulthooks
+import pytest
+from s3server import download_prefix, uploads, weed_server
+
+from expo_dist.errors import ExpoError
+from expo_dist.merge import run
+from expo_dist.sources import s3
+from expo_dist.spec import MergeSpec
+from expo_dist.testing.reference import assert_exact
+
+pytestmark = pytest.mark.slow
+MIB = 1 << 20
+SHARD = 8_000_000  # output shards of ~8 MB: with 5 MiB parts, files of one and of two parts
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    with weed_server(str(tmp_path_factory.mktemp("weed"))) as server:
+        yield server
+
+
+@pytest.fixture
+def s3env(srv, monkeypatch):
+    """The server's credentials and endpoint in this process's environment (the driver's), as a user sets them;
+    the workers get them from the driver."""
+    for k, v in srv.env().items():
+        monkeypatch.setenv(k, v)
+    s3._CLIENTS.clear()
+    yield srv
+    s3._CLIENTS.clear()
+
+
+def bucket(srv) -> str:
+    name = f"expo-{os.getpid()}-{next(_names)}"
+    srv.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from expo_dist.testing.synth import make_pair
+
+    d = tmp_path_factory.mktemp("s3pair")
+    sft, aligned = make_pair(d, hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8, num_kv_heads=4,
+                             vocab_size=3000, aligned_shard_bytes=5_000_000)
+    return str(sft), str(aligned)
+
+
+@pytest.fixture(scope="module")
+def baseline(pair, local_ray, tmp_path_factory):
+    """Local-disk merges of the pair: one alpha, and a sweep (same output shard size)."""
+    d = tmp_path_factory.mktemp("s3base")
+    one = str(d / "one")
+    run(MergeSpec(sft=pair[0], aligned=pair[1], alpha=0.3, out=one, max_shard_size=SHARD), progress=False)
+    sweep = str(d / "sweep")
+    run(MergeSpec(sft=pair[0], aligned=pair[1], alpha=[0.1, 0.5], out=sweep, max_shard_size=SHARD), progress=False)
+    return one, sweep
+
+
+def files_of(folder: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def assert_same_output(got_dir: str, want_dir: str, same_inputs: bool = True) -> dict:
+    """Every file byte-identical but the manifest (timings, workers) and, for inputs named differently, the card
+    (which names them); the manifests agree on every file's bytes."""
+    got, want = files_of(got_dir), files_of(want_dir)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if not name.endswith("expo_manifest.json") and (same_inputs or not name.endswith("README.md")):
+            assert got[name] == want[name], name
+    mans = {}
+    for name in want:
+        if name.endswith("expo_manifest.json"):
+            g, w = json.loads(got[name]), json.loads(want[name])
+            assert g["written"] == w["written"] and g["tensors"] == w["tensors"]
+            for f, rec in g["files"].items():
+                data = got[os.path.join(os.path.dirname(name), f)]
+                assert rec["size"] == len(data) == w["files"][f]["size"]
+                assert rec["crc32"] == f"{zlib.crc32(data):08x}"
+            mans[name] = g
+    return mans
+
+
+def test_merge_to_s3_is_byte_identical_and_loads(s3env, pair, baseline, local_ray, tmp_path):
+    srv = s3env
+    b = bucket(srv)
+    c = srv.client()
+    res = run(MergeSpec(sft=pair[0], aligned=pair[1], alpha=0.3, out=f"s3://{b}/models/expo", max_shard_size=SHARD),
+              progress=False)
+    assert res["settings"]["max_task_bytes"] == 64 * MIB  # the s3:// default part size
+    assert uploads(c, b) == []  # every multipart upload completed
+    names = download_prefix(c, b, "models/expo", str(tmp_path / "dl"))
+    assert not any(n.startswith(".expo") for n in names)  # the run's records are gone
+    mans = assert_same_output(str(tmp_path / "dl"), baseline[0])
+    files = mans["expo_manifest.json"]["files"]
+    assert len(files) == 3
+    for f, rec in files.items():  # the checksum S3 itself computed from the parts' verified CRC-32s
+        head = c.head_object(Bucket=b, Key=f"models/expo/{f}", ChecksumMode="ENABLED")
+        assert head.get("ChecksumCRC32", rec["s3_checksum_crc32"]) == rec["s3_checksum_crc32"]
+    assert_exact(str(tmp_path / "dl"), pair[0], pair[1], 0.3, False)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 200, 17, 3]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dl")).eval()(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(baseline[0]).eval()(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_sweep_from_s3_inputs_to_s3(s3env, pair, baseline, local_ray, tmp_path):
+    """Inputs read with ranged GETs from the bucket, two alphas written in one pass: nothing on local disk."""
+    srv = s3env
+    b = bucket(srv)
+    c = srv.client()
+    for who, folder in (("sft", pair[0]), ("aligned", pair[1])):
+        for n in os.listdir(folder):
+            c.upload_file(os.path.join(folder, n), b, f"in/{who}/{n}")
+    res = run(MergeSpec(sft=f"s3://{b}/in/sft", aligned=f"s3://{b}/in/aligned", alpha=[0.1, 0.5],
+                        out=f"s3://{b}/out", max_shard_size=SHARD, max_task_bytes=5 * MIB), progress=False)
+    assert res["inputs"]["aligned"] == {"url": f"s3://{b}/in/aligned"}
+    assert uploads(c, b) == []
+    download_prefix(c, b, "out", str(tmp_path / "dl"))
+    mans = assert_same_output(str(tmp_path / "dl"), baseline[1], same_inputs=False)
+    assert f"s3://{b}/in/aligned" in (tmp_path / "dl" / "alpha-0.1" / "README.md").read_text()
+    assert sorted(mans) == ["alpha-0.1/expo_manifest.json", "alpha-0.5/expo_manifest.json"]
+    assert mans["alpha-0.1/expo_manifest.json"]["tasks"] > 3  # several 5 MiB parts per file
+
+
+def test_failed_merge_aborts_its_uploads(srv, pair, tmp_path):
+    """A task that fails every attempt: the merge fails, says so, aborts every upload and leaves nothing."""
+    b = bucket(srv)
+    c = srv.client()
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"crash": [1]}))
+    env = {**os.environ, **srv.env(), **faulthooks.env(faults=faults)}
+    env.pop("RAY_ADDRESS", None)
+    r = cli(["merge", "--sft", pair[0], "--aligned", pair[1], "--alpha", "0.3", "--out", f"s3://{b}/x",
+             "--max-shard-size", str(SHARD), "--max-task-bytes", "5MiB", "--max-attempts", "2", "-q"], env)
+    assert r.returncode == 1, r.stderr
+    assert "task 1" in r.stderr and "aborted 3 multipart uploads" in r.stderr, r.stderr
+    assert uploads(c, b) == []
+    assert c.list_objects_v2(Bucket=b).get("KeyCount", 0) == 0
+
+
+def cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "expo_dist.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_driver_killed_then_rerun_resumes(srv, pair, baseline, tmp_path):
+    """SIGKILL the driver mid-merge; the rerun keeps the parts already uploaded and journaled, ends byte-identical,
+    and no upload is left open."""
+    b = bucket(srv)
+    c = srv.client()
+    env = {**os.environ, **srv.env(), **faulthooks.env(delay=0.5)}
+    env.pop("RAY_ADDRESS", None)
+    out = f"s3://{b}/resume"
+    args = ["merge", "--sft", pair[0], "--aligned", pair[1], "--alpha", "0.3", "--out", out,
+            "--max-shard-size", str(SHARD), "--max-task-bytes", "5MiB", "--workers", "2", "-q"]
+    p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *args], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until a journal batch is under the prefix
+        if c.list_objects_v2(Bucket=b, Prefix="resume/.expo/journal/").get("KeyCount", 0):
+            break
+        time.sleep(0.2)
+    else:
+        p.kill()
+        pytest.fail("no journal written in 120 s: " + p.stderr.read().decode()[-2000:])
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert uploads(c, b)  # left open for the rerun
+    env2 = {k: v for k, v in env.items() if k not in faulthooks.env(delay=0)}
+    r = cli([*args[:-1], "--json", "-q"], env2)
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert man["tasks_resumed"] > 0
+    assert uploads(c, b) == []
+    download_prefix(c, b, "resume", str(tmp_path / "dl"))
+    assert_same_output(str(tmp_path / "dl"), baseline[0])
+
+
+BAD = [
+    ("no credentials", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no S3 credentials"),
+    ("wrong secret", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "403 Forbidden"),
+    ("read-only keys", "reader", "access denied"),
+    ("unreachable", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the S3 endpoint"),
+]
+
+
+@pytest.mark.parametrize("what,change,line", BAD, ids=[b[0] for b in BAD])
+def test_bad_credentials_and_endpoints_are_one_line(srv, pair, what, change, line, tmp_path):
+    from s3server import READER
+
+    b = bucket(srv)
+    env = {**os.environ, **(srv.env(READER) if change == "reader" else srv.env())}
+    if isinstance(change, dict):
+        for k, v in change.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+    env["HOME"] = str(tmp_path)  # no ~/.aws to fall back on
+    env["AWS_MAX_ATTEMPTS"] = "1"
+    r = cli(["merge", "--sft", pair[0], "--aligned", pair[1], "--alpha", "0.3", "--out", f"s3://{b}/o"], env)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and line in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert srv.client().list_objects_v2(Bucket=b).get("KeyCount", 0) == 0
+
+
+def test_missing_bucket_bad_part_size_and_strangers(srv, pair, tmp_path):
+    b = bucket(srv)
+    c = srv.client()
+    env = {**os.environ, **srv.env()}
+    base = ["merge", "--sft", pair[0], "--aligned", pair[1], "--alpha", "0.3"]
+    r = cli([*base, "--out", "s3://no-such-bucket-expo/o"], env)
+    assert r.returncode == 2 and "bucket no-such-bucket-expo does not exist" in r.stderr, r.stderr
+    r = cli([*base, "--out", f"s3://{b}/o", "--max-task-bytes", "2MiB"], env)
+    assert r.returncode == 2 and "5 MiB to 5 GiB" in r.stderr, r.stderr
+    c.put_object(Bucket=b, Key="o/notes.txt", Body=b"mine")
+    r = cli([*base, "--out", f"s3://{b}/o"], env)
+    assert r.returncode == 2 and "is not empty" in r.stderr, r.stderr
+    r = cli([*base, "--out", f"s3://{b}/o", "--overwrite"], env)
+    assert r.returncode == 2 and "did not write (notes.txt)" in r.stderr, r.stderr
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket=b)["Contents"]]
+    assert keys == ["o/notes.txt"]  # untouched, nothing added
+    assert c.get_object(Bucket=b, Key="o/notes.txt")["Body"].read() == b"mine"
+    assert uploads(c, b) == []
+
+
+def test_lock_and_overwrite_of_an_earlier_output(s3env, pair, local_ray):
+    """A live lock refuses a second run; --overwrite replaces an earlier output (only its objects) once free."""
+    srv = s3env
+    b = bucket(srv)
+    c = srv.client()
+    out = f"s3://{b}/m"
+    spec = dict(sft=pair[0], aligned=pair[1], out=out, max_shard_size=SHARD)
+    run(MergeSpec(alpha=0.1, **spec), progress=False)
+    c.put_object(Bucket=b, Key="m/.expo/lock", Body=json.dumps({"pid": 4242, "host": "elsewhere"}).encode())
+    with pytest.raises(ExpoError, match="in use by pid 4242 on elsewhere"):
+        run(MergeSpec(alpha=0.3, overwrite=True, **spec), progress=False)
+    c.delete_object(Bucket=b, Key="m/.expo/lock")
+    c.put_object(Bucket=b, Key="other/keep.txt", Body=b"not under the prefix")
+    res = run(MergeSpec(alpha=0.3, overwrite=True, **spec), progress=False)
+    assert res["alpha"] == 0.3
+    man = json.loads(c.get_object(Bucket=b, Key="m/expo_manifest.json")["Body"].read())
+    assert man["alpha"] == 0.3
+    keys = sorted(o["Key"] for o in c.list_objects_v2(Bucket=b)["Contents"])
+    assert "other/keep.txt" in keys and not any(k.startswith("m/.expo") for k in keys)
+    assert uploads(c, b) == []
