@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from expo_dist.errors import ExpoError
 from expo_dist.formats.dtypes import itemsize
-from expo_dist.planning.plan import COPY, EXTRAPOLATE, MIB, Source, make_plan, natural_key, parse_size
-from expo_dist.sources.index import index_model
+from expo_dist.formats.safetensors import TensorEntry
+from expo_dist.planning.plan import COPY, EXTRAPOLATE, MIB, make_plan, natural_key, parse_size
+from expo_dist.sources.index import TensorRef, index_model
 from expo_dist.testing import synth
 
 CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
@@ -23,14 +24,15 @@ CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_siz
 
 
 def fake_sources(spec: dict[str, tuple[str, tuple[int, ...]]], prefix: str, header: int = 4096,
-                 per_file: int | None = None) -> dict[str, Source]:
+                 per_file: int | None = None) -> dict[str, TensorRef]:
     """Place tensors one after another in made-up files (a new file every per_file tensors)."""
     out, pos, k = {}, header, 0
     for i, (name, (dtype, shape)) in enumerate(spec.items()):
         if per_file and i and i % per_file == 0:
             k, pos = k + 1, header + 8 * k  # a different header length per file
-        out[name] = Source(f"/in/{prefix}-{k}.safetensors", dtype, tuple(shape), pos)
-        pos += math.prod(shape) * itemsize(dtype)
+        n = math.prod(shape) * itemsize(dtype)
+        out[name] = TensorRef(f"/in/{prefix}-{k}.safetensors", TensorEntry(name, dtype, tuple(shape), pos, pos + n))
+        pos += n
     return out
 
 
@@ -194,9 +196,9 @@ def tensor_bytes(folder, name) -> bytes:
     raise KeyError(name)
 
 
-def sources_of(folder) -> dict[str, Source]:
+def sources_of(folder) -> dict[str, TensorRef]:
     idx = index_model(str(folder))
-    return {n: Source(r.file, r.dtype, r.shape, r.entry.begin) for n, r in idx.tensors.items()}, idx.config
+    return dict(idx.tensors), idx.config
 
 
 @pytest.fixture(scope="module")

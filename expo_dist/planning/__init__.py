@@ -6,7 +6,6 @@ from .plan import (
                    Plan,
                    Segment,
                    Shard,
-                   Source,
                    Task,
                    TensorDecision,
                    make_plan,
@@ -18,6 +17,6 @@ from .report import format_report, plan_report
 from .rules import Rule, alphas_for, parse_alpha, parse_rules, show_value, unused
 from .windows import ALIGN, CHUNK_BYTES, Window, windows
 
-__all__ = ["COPY", "EXTRAPOLATE", "Plan", "Segment", "Shard", "Source", "Task", "TensorDecision", "make_plan",
+__all__ = ["COPY", "EXTRAPOLATE", "Plan", "Segment", "Shard", "Task", "TensorDecision", "make_plan",
            "natural_key", "parse_size", "tensor_sources", "format_report", "plan_report", "Rule", "alphas_for",
            "parse_alpha", "parse_rules", "show_value", "unused", "ALIGN", "CHUNK_BYTES", "Window", "windows"]

@@ -21,7 +21,7 @@ from ..formats.jsonsafe import shown
 from ..formats.safetensors import Layout, alignment_order, layout
 
 if TYPE_CHECKING:
-    from ..sources.index import ModelIndex
+    from ..sources.index import ModelIndex, TensorRef
 
 MIB = 1 << 20
 EXTRAPOLATE, COPY = "extrapolate", "copy"
@@ -30,19 +30,10 @@ ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", 
              "num_key_value_heads", "intermediate_size", "head_dim")
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a tensor lives in an input model: file, dtype, shape, absolute byte offset."""
-
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-
-
-def tensor_sources(index: ModelIndex) -> dict[str, Source]:
-    """Every tensor of an indexed model (sources.index) as the planner takes it."""
-    return {n: Source(r.file, r.dtype, r.shape, r.entry.begin) for n, r in index.tensors.items()}
+def tensor_sources(index: ModelIndex) -> dict[str, TensorRef]:
+    """Every tensor of an indexed model (sources.index) as the planner takes it: name -> TensorRef (file, dtype,
+    shape, absolute byte offset `begin`)."""
+    return dict(index.tensors)
 
 
 @dataclass(frozen=True)
@@ -203,7 +194,7 @@ def _alphas(alpha_for: Callable, name: str) -> tuple[float, ...]:
     return tuple(float(x) for x in a) if isinstance(a, (tuple, list)) else (float(a),)
 
 
-def match(sft: dict[str, Source], aligned: dict[str, Source], tie: bool,
+def match(sft: dict[str, TensorRef], aligned: dict[str, TensorRef], tie: bool,
           alpha_for: Callable[[str], float | tuple[float, ...]]) -> tuple[dict[str, TensorDecision], list[str]]:
     decisions: dict[str, TensorDecision] = {}
     warnings: list[str] = []
@@ -306,7 +297,7 @@ def cut_tasks(shards: list[Shard], decisions, sft, aligned, max_task_bytes: int)
     return tasks
 
 
-def make_plan(sft: dict[str, Source], aligned: dict[str, Source], *, alpha_for: Callable[[str], float],
+def make_plan(sft: dict[str, TensorRef], aligned: dict[str, TensorRef], *, alpha_for: Callable[[str], float],
               sft_config: dict, aligned_config: dict, max_task_bytes: int = 256 * MIB,
               max_shard_size: int = 5_000_000_000) -> Plan:
     for who, model in (("SFT", sft), ("aligned", aligned)):

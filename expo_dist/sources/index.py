@@ -18,6 +18,9 @@ from .refs import Resolved, resolve
 
 @dataclass(frozen=True)
 class TensorRef:
+    """Where a tensor lives: its weight file and its header entry (dtype, shape, byte range). The one such record
+    from the index to the planner."""
+
     file: str  # absolute path, s3://bucket/prefix/<file>, or hf://org/name@<commit>/<file> (fetch.local_path
     # resolves that one on a worker)
     entry: TensorEntry
@@ -29,6 +32,11 @@ class TensorRef:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.entry.shape
+
+    @property
+    def begin(self) -> int:
+        """The tensor's absolute byte offset in its file."""
+        return self.entry.begin
 
 
 @dataclass
