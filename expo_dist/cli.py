@@ -125,9 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show what merge would do, reading only headers")
     _merge_args(p)
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("verify", help="check a merged folder: index, headers, sizes, manifest sha256; with the "
-                                      "inputs, recompute tensors against the float64 reference")
-    p.add_argument("out", help="the merge's output folder")
+    p = sub.add_parser("verify", help="check a merged folder or s3:// prefix: index, headers, sizes, checksums; "
+                                      "with the inputs, recompute tensors against the float64 reference")
+    p.add_argument("out", help="the merge's output folder or s3://bucket/prefix")
     p.add_argument("--sft", help="the SFT model folder (with --aligned: recompute tensors)")
     p.add_argument("--aligned", help="the aligned model folder")
     p.add_argument("--alpha", type=str, help="alpha to check against (default: the manifest's)")

@@ -14,14 +14,17 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import ExpoError
 from ..formats.dtypes import NUMPY_NAMES, is_float, itemsize, torch_dtype
 from ..formats.folder import side_files
 from ..formats.reader import LocalReader
 from ..planning.plan import COPY, EXTRAPOLATE, Segment, make_plan, natural_key, tensor_sources
 from ..planning.rules import Rule, alphas_for
 from ..settings import HUB_ATTEMPTS
+from ..sources import s3
 from ..sources.fetch import local_path  # a Hub input's weight file is named by an hf:// ref: its file in this cache
 from ..sources.index import ModelIndex, index_model
+from .location import Output, open_output
 from .verdict import Report
 
 CHUNK_ELEMS = 1 << 20  # elements per read: ~40 MB of buffers (two float64 inputs, their raw bytes, the result)
@@ -29,13 +32,18 @@ DEFAULT_SAMPLE = 8
 
 
 class _Files:
-    """The input and output files, each open once for positional reads (formats.reader.LocalReader)."""
+    """The input and output files, each open once for positional reads (formats.reader.LocalReader); an s3://
+    object is read by ranged GETs."""
 
     def __init__(self, hub_attempts: int = HUB_ATTEMPTS):
         self.readers: dict[str, LocalReader] = {}
         self.hub_attempts = hub_attempts
 
     def pread(self, path: str, offset: int, n: int) -> bytearray:
+        if s3.is_s3(path):
+            buf = bytearray(n)
+            s3.read_into(path, memoryview(buf), offset)
+            return buf
         r = self.readers.get(path)
         if r is None:
             r = self.readers[path] = LocalReader(local_path(path, attempts=self.hub_attempts), path)
@@ -49,14 +57,14 @@ class _Files:
         self.readers.clear()
 
 
-
-
 def check_values(out_idx: ModelIndex, sft_root: str, aligned_root: str, alpha: float, report: Report,
                  say: Callable[[str], None], rules: list[Rule] = (), sample: int | None = DEFAULT_SAMPLE,
                  seed: int = 0, chunk_elems: int = CHUNK_ELEMS,
-                 detail: Callable[[str], None] = lambda msg: None, hub_attempts: int = HUB_ATTEMPTS) -> None:
+                 detail: Callable[[str], None] = lambda msg: None, hub_attempts: int = HUB_ATTEMPTS,
+                 output: Output | None = None) -> None:
     """Recompute tensors from the inputs, with the per-tensor alpha rules the merge used (its manifest's).
-    sample=None: every extrapolated tensor. hub_attempts: tries of each Hub request (Settings.hub_attempts)."""
+    sample=None: every extrapolated tensor. hub_attempts: tries of each Hub request (Settings.hub_attempts).
+    output: where the output's side files are read (default: the folder out_idx.root)."""
     report.with_inputs = True
     sft = index_model(sft_root, hub_attempts=hub_attempts)
     aligned = index_model(aligned_root, hub_attempts=hub_attempts)
@@ -75,16 +83,18 @@ def check_values(out_idx: ModelIndex, sft_root: str, aligned_root: str, alpha: f
         if (ref.dtype, ref.shape) != (d.dtype, d.shape):
             report.problems.append(f"tensor {name!r}: output has {ref.dtype}{list(ref.shape)}, "
                                    f"expected {d.dtype}{list(d.shape)}")
+    output = output if output is not None else open_output(out_idx.root)
     for fname in side_files(aligned.root):
-        mine = os.path.join(out_idx.root, fname)
+        mine = output.join(fname)
         with open(os.path.join(aligned.root, fname), "rb") as f:
             theirs = f.read()
-        if not os.path.exists(mine):
+        try:
+            if output.read(fname, len(theirs)) != theirs:
+                report.problems.append(f"{mine}: differs from the aligned model's {fname}")
+        except FileNotFoundError:
             report.problems.append(f"{mine}: missing (the aligned model has {fname})")
-        else:
-            with open(mine, "rb") as f:
-                if f.read() != theirs:
-                    report.problems.append(f"{mine}: differs from the aligned model's {fname}")
+        except (OSError, ExpoError) as e:
+            report.problems.append(f"{mine}: unreadable ({getattr(e, 'strerror', None) or e})")
 
     begin = {n: e.begin for sh in plan.shards for n, e in sh.layout.tensors.items()}
     segs: dict[str, list[Segment]] = {}

@@ -13,7 +13,9 @@ class Report:
     files: int = 0
     tensors: int = 0
     total_size: int = 0
-    hashed: int = 0  # weight files whose sha256 matched the manifest
+    hashed: int = 0  # weight files whose checksums (and size) matched the manifest
+    kinds: set[str] = field(default_factory=set)  # which checksums: "sha256" (local outputs), "CRC-32" (s3://)
+    s3_checked: int = 0  # objects whose checksum stored by S3 matched
     recomputed: int = 0  # tensors whose extrapolated elements were recomputed
     copies: int = 0  # tensors with copied elements checked
     elements: int = 0
@@ -29,8 +31,11 @@ class Report:
         if not self.ok:
             more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
             return printable(f"verify: FAILED {self.out}: {self.problems[0]}{more}")
+        sums = " and ".join(k for k in ("sha256", "CRC-32") if k in self.kinds) or "checksums"
         msg = (f"verify: OK {self.out}: {self.files} file(s), {self.tensors} tensors, {self.total_size} bytes, "
-               f"sha256 of {self.hashed} file(s) match the manifest")
+               f"{sums} of {self.hashed} file(s) match the manifest")
+        if self.s3_checked:
+            msg += f" (and S3's stored checksum of {self.s3_checked})"
         if self.with_inputs:
             msg += (f"; {self.recomputed} extrapolated tensor(s) recomputed and {self.copies} copied tensor(s) "
                     f"compared, {self.elements} elements, all exact")
