@@ -7,6 +7,7 @@ transformers can load is always a complete one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,8 +61,10 @@ def create_shards(plan: Plan, wdir: str, keep: set[str] = frozenset()) -> None:
             f.truncate(shard.layout.size)
 
 
-def copy_side_file(aligned_root: str, name: str, dst: str) -> None:
-    """Copy one side file, opened without following links (checked just before) and only if regular."""
+@contextlib.contextmanager
+def open_side_file(aligned_root: str, name: str):
+    """One side file of the aligned model, open for reading: opened without following links (checked just
+    before: side_file_source) and only if it is a regular file."""
     real, why = side_file_source(aligned_root, name)
     if real is None:
         raise ExpoError(f"{os.path.join(aligned_root, name)}: {why}; the aligned model folder changed during the merge")
@@ -69,8 +72,13 @@ def copy_side_file(aligned_root: str, name: str, dst: str) -> None:
     with os.fdopen(fd, "rb") as src:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ExpoError(f"{os.path.join(aligned_root, name)}: not a regular file")
-        with atomic_file(dst) as f:
-            shutil.copyfileobj(src, f, 1 << 20)
+        yield src
+
+
+def copy_side_file(aligned_root: str, name: str, dst: str) -> None:
+    """Copy one side file (open_side_file) whole or not at all."""
+    with open_side_file(aligned_root, name) as src, atomic_file(dst) as f:
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 def output_names(plan: Plan, side: list[str]) -> list[str]:

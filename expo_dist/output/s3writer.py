@@ -16,15 +16,13 @@ interrupted (SIGTERM, Ctrl-C) or whose driver is killed leaves them for the reru
 from __future__ import annotations
 
 import logging
-import os
-import stat
 
 from ..errors import ExpoError, MergeFailed
-from ..formats.folder import CARD, INDEX, MANIFEST, WORK, side_file_source, side_files
+from ..formats.folder import CARD, INDEX, MANIFEST, WORK, side_files
 from ..planning.plan import Plan, task_step
-from ..runtime.s3parts import PartTarget, crc_b64, part_span
+from ..runtime.s3parts import PartTarget, check_part_size, crc_b64, part_span
 from ..sources import s3
-from .finalize import documents, output_names, skipped_side_files
+from .finalize import documents, open_side_file, output_names, skipped_side_files
 from .manifest import RunInfo
 from .s3state import (
     LOCK,
@@ -42,19 +40,6 @@ from .s3state import (
 )
 
 log = logging.getLogger("expo_dist")
-
-
-def check_part_size(plan: Plan, step: int, out: str) -> None:
-    """The task step is the part size: S3 wants 5 MiB to 5 GiB and at most 10,000 parts per file."""
-    if step < s3.MIN_PART or step > s3.MAX_PART:
-        raise ExpoError(f"--max-task-bytes {step}: an s3:// output uploads one part per task, and S3 parts must be "
-                        f"5 MiB to 5 GiB; give --max-task-bytes between 5MiB and 5GiB (the default for s3:// is "
-                        "64MiB)")
-    worst = max(s.layout.size for s in plan.shards)
-    parts = -(-worst // step)
-    if parts > s3.MAX_PARTS:
-        raise ExpoError(f"--max-task-bytes {step}: a {worst}-byte shard would take {parts} parts; S3 allows "
-                        f"{s3.MAX_PARTS} per file: raise --max-task-bytes or lower --max-shard-size ({out})")
 
 
 class S3Writer:
@@ -268,15 +253,7 @@ class S3Writer:
             raise s3.s3_error(e, s3.join(self.out_dirs[k], name), "writing", MergeFailed) from None
 
     def _put_side(self, k: int, name: str) -> None:
-        """A side file of the aligned model, opened without following links and only if regular."""
-        real, why = side_file_source(self.aligned_root, name)
-        if real is None:
-            raise ExpoError(f"{os.path.join(self.aligned_root, name)}: {why}; the aligned model folder changed "
-                            "during the merge")
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ExpoError(f"{os.path.join(self.aligned_root, name)}: not a regular file")
+        with open_side_file(self.aligned_root, name) as f:
             self._put(k, name, f.read())
 
     def release(self) -> None:

@@ -8,7 +8,7 @@ _EXPORTS = {
     "Progress": "session", "connect": "session", "shutdown": "session",
     "Scheduler": "scheduler", "RunStats": "scheduler", "placement": "scheduler",
     "MergeWorker": "worker",
-    "Runner": "runner", "TaskResult": "runner",
+    "Runner": "runner", "TaskResult": "slots",
     "Kernel": "kernel", "round_f64_to": "kernel",
     "KernelCheckFailed": "selfcheck", "self_check": "selfcheck",
     "FileHasher": "hashing",

@@ -21,7 +21,6 @@ import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +36,7 @@ from ..sources.s3 import is_s3
 from . import ckernel
 from .fileio import aligned_empty, direct_ok, io_mode, open_direct, pwrite_all, resident_prefix
 from .s3parts import PartSink, PartTarget
+from .slots import Slot, TaskResult, joined_runs
 
 WRITEBACK_LAG = 4  # windows: wait for the writeback of the range written this many windows ago
 DIRECT_MIN = 256 << 10  # bytes: shorter reads go through the page cache (neighbouring small tensors)
@@ -45,36 +45,6 @@ try:
     from ._ckernel import start_writeback
 except ImportError:  # pragma: no cover - no C extension: leave writeback to the OS
     start_writeback = None
-
-
-@dataclass
-class TaskResult:
-    task: int
-    nbytes: int
-    crc32s: list[int]  # CRC-32 of the bytes written to each output
-    differs: list[str] = field(default_factory=list)  # non-float tensors whose SFT bytes differ
-    nonfinite_out: int = 0
-    nonfinite_in: int = 0
-
-    @property
-    def crc32(self) -> int:
-        return self.crc32s[0]
-
-
-class Slot:
-    def __init__(self, chunk: int, pin: bool, n_out: int):
-        self.pin = pin
-        self.a = aligned_empty(chunk + 2 * ALIGN, pin)
-        self.s = aligned_empty(chunk + 2 * ALIGN, pin)
-        self.o = [aligned_empty(chunk + 2 * ALIGN, pin) for _ in range(n_out)]
-
-    def fit(self, win: Window) -> None:
-        """Inputs can be wider than the output (float32 SFT into bf16), and runs are placed block-aligned:
-        grow the input buffers when a window needs more."""
-        if win.a_bytes > self.a.size:
-            self.a = aligned_empty(win.a_bytes, self.pin)
-        if win.s_bytes > self.s.size:
-            self.s = aligned_empty(win.s_bytes, self.pin)
 
 
 class Runner:
@@ -217,7 +187,7 @@ class Runner:
     def _read(self, win: Window, slot: Slot) -> None:
         slot.fit(win)
         views = {"a": memoryview(slot.a), "s": memoryview(slot.s)}
-        for r in _joined(win.runs):
+        for r in joined_runs(win.runs):
             view = views[r.which]
             if is_s3(r.path):  # one ranged GET straight into the slot
                 s3.read_into(r.path, view[r.at: r.at + r.n], r.off, MergeFailed)
@@ -316,17 +286,3 @@ class Runner:
                     start_writeback(old[0], old[1], old[2], True)
                 except OSError:  # the fd was closed meanwhile: nothing to wait for
                     pass
-
-
-def _joined(runs: list[Run]) -> list[Run]:
-    """Runs of an object in object storage that follow each other in the object and in the slot, joined into one
-    (one ranged GET instead of one per tensor piece); local runs as they are."""
-    out: list[Run] = []
-    for r in runs:
-        p = out[-1] if out else None
-        if (p is not None and is_s3(r.path) and r.path == p.path and r.which == p.which and r.off == p.off + p.n
-                and r.at == p.at + p.n):
-            out[-1] = Run(p.which, p.path, p.off, p.at, p.n + r.n)
-        else:
-            out.append(r)
-    return out

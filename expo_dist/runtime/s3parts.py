@@ -14,7 +14,8 @@ import io
 import zlib
 from dataclasses import dataclass
 
-from ..errors import MergeFailed
+from ..errors import ExpoError, MergeFailed
+from ..planning.plan import Plan
 from ..sources import s3
 
 
@@ -37,6 +38,19 @@ def part_span(begin: int, header_len: int, step: int) -> tuple[int, int]:
 def crc_b64(crc: int) -> str:
     """A CRC-32 as S3's x-amz-checksum-crc32 header writes it."""
     return base64.b64encode((crc & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+
+def check_part_size(plan: Plan, step: int, out: str) -> None:
+    """The task step is the part size: S3 wants 5 MiB to 5 GiB and at most 10,000 parts per file."""
+    if step < s3.MIN_PART or step > s3.MAX_PART:
+        raise ExpoError(f"--max-task-bytes {step}: an s3:// output uploads one part per task, and S3 parts must be "
+                        f"5 MiB to 5 GiB; give --max-task-bytes between 5MiB and 5GiB (the default for s3:// is "
+                        "64MiB)")
+    worst = max(s.layout.size for s in plan.shards)
+    parts = -(-worst // step)
+    if parts > s3.MAX_PARTS:
+        raise ExpoError(f"--max-task-bytes {step}: a {worst}-byte shard would take {parts} parts; S3 allows "
+                        f"{s3.MAX_PARTS} per file: raise --max-task-bytes or lower --max-shard-size ({out})")
 
 
 class ViewBody(io.RawIOBase):
