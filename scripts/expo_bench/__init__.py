@@ -6,6 +6,7 @@
     python scripts/bench.py --pair /data/pair --keep         # reuse PAIR/sft and PAIR/aligned
     python scripts/bench.py --memory                         # the memory criterion: every process < 1 GiB
     python scripts/bench.py --compare-mergekit --sweep "0.1 0.3 0.5" --json bench.json
+    python scripts/bench.py --layers 2 --repeat 1 --s3       # also the merge to s3:// (SeaweedFS on 127.0.0.1)
     cd scripts && python -m expo_bench --preset tiny         # the same, as a package
 
 Each of --repeat rounds measures, with the page cache dropped before each phase:
@@ -19,7 +20,8 @@ Each of --repeat rounds measures, with the page cache dropped before each phase:
                sealed; Ray's start-up, planning and finishing are outside it), with the peak RSS of every
                process of its tree (driver, ray::MergeWorker actors, raylet, gcs_server, Ray's agents)
                sampled every 50 ms
-then, once: mergekit task_arithmetic (--compare-mergekit) and a several-α sweep (--sweep).
+then, once: mergekit task_arithmetic (--compare-mergekit), a several-α sweep (--sweep), and the merge to s3:// on
+a local SeaweedFS against the read floor + the upload floor (--s3; its own --repeat rounds, see s3.py).
 
 Generated pairs and outputs live in a temp folder (--workdir) that is removed at the end (--keep keeps
 the pair). Figures go to stdout (and --json FILE); progress to stderr.

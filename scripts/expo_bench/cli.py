@@ -17,11 +17,11 @@ from expo_dist.runtime.fileio import fs_type
 from expo_dist.testing.measure import Cache, child_env, machine
 
 from . import __doc__ as DOC
-from . import merge, mergekit, pair, report, rounds, sweep
+from . import merge, mergekit, pair, report, rounds, s3, sweep
 from .context import ROOT, Bench, log, make_workdir
 
 MEMORY_TASK_BYTES = "64MiB"
-ONCE = [mergekit, sweep]  # once-phases, in the order they run and print
+ONCE = [mergekit, sweep, s3]  # once-phases, in the order they run and print
 
 
 def parser() -> argparse.ArgumentParser:

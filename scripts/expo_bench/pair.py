@@ -45,7 +45,8 @@ def check_disk(b: Bench) -> None:
     args = b.args
     if args.pair and os.path.isdir(os.path.join(args.pair, "sft")):
         return
-    need = model_bytes(shape_kwargs(args), args.dtype) * (3 + (len(args.sweep.split()) if args.sweep else 0)) * 1.05
+    outputs = 3 + (len(args.sweep.split()) if args.sweep else 0) + (2 * b.repeat if args.s3 else 0)  # s3: floor+merge
+    need = model_bytes(shape_kwargs(args), args.dtype) * outputs * 1.05
     free = shutil.disk_usage(args.pair and os.path.dirname(os.path.abspath(args.pair)) or b.workdir).free
     if need > free:
         raise SystemExit(f"bench: needs ~{need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free there")

@@ -72,6 +72,8 @@ def summarize(b: Bench, rounds: list[dict]) -> tuple[dict, dict]:
                             "pass": w <= limit}
     hashes = [json.dumps(rd["merge"]["sha256"], sort_keys=True) for rd in rounds]
     fig["identical_outputs_across_runs"] = len(set(hashes)) == 1 if rounds[0]["merge"]["sha256"] else None
+    fig["sha256"] = rounds[-1]["merge"]["sha256"]  # the local output's files, as its manifest has them (phase s3)
+    fig["workers"] = rounds[-1]["merge"]["workers"]
     worst = max(rounds, key=lambda rd: (rd["merge"]["rss"]["worker_peak_rss"] or 0,
                                         rd["merge"]["rss"]["driver_peak_rss"] or 0))
     wr = worst["merge"]["rss"]
