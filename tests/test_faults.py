@@ -25,7 +25,6 @@ from expo_dist.cli import main
 from expo_dist.merge import run
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_same
-from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.4
 SETTINGS = dict(max_shard_size="3MB", max_task_bytes="1MiB")
@@ -57,10 +56,8 @@ def cluster(faults):
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), hidden_size=256, intermediate_size=768, num_layers=6,
-                     num_heads=8, num_kv_heads=4, vocab_size=2048, sft_shard_bytes=3_000_000,
-                     aligned_shard_bytes=2_000_000, seed=9)
+def pair(pair_factory):
+    return pair_factory("small", num_layers=6, seed=9)
 
 
 def spec(pair, out, **kw):

@@ -22,7 +22,6 @@ from expo_dist.merge import run
 from expo_dist.output.journal import Journal
 from expo_dist.spec import MergeSpec
 from expo_dist.testing.reference import assert_same, weights
-from expo_dist.testing.synth import make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHA = 0.3
@@ -35,8 +34,8 @@ SHAPE = dict(hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8,
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), seed=11, **SHAPE)
+def pair(pair_factory):
+    return pair_factory("mid", seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +206,12 @@ def test_torn_journal_line_does_not_swallow_the_next_record(tmp_path):
     assert j.entries() == {1: [5], 3: [7, 9]}
 
 
-def test_other_plan_refused_then_overwrite(local_ray, killed, pair, tmp_path, capsys):
+def test_other_plan_refused_then_overwrite(local_ray, killed, pair, pair_factory, tmp_path, capsys):
     src, _, _ = killed
     out = tmp_path / "out"
     shutil.copytree(src, out)
     before = {p: p.read_bytes() for p in (out / ".expo").iterdir() if p.name != "lock"}  # the lock names its holder
-    other = make_pair(tmp_path / "other", seed=12, **SHAPE)  # same architecture, other weights
+    other = pair_factory("mid", seed=12)  # same architecture, other weights
     for args in (argv(pair, out, alpha=0.5), argv(other, out), argv(pair, out, "--max-shard-size", "6MB")):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -53,12 +53,8 @@ def bucket(srv) -> str:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from expo_dist.testing.synth import make_pair
-
-    d = tmp_path_factory.mktemp("s3pair")
-    sft, aligned = make_pair(d, hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8, num_kv_heads=4,
-                             vocab_size=3000, aligned_shard_bytes=5_000_000)
+def pair(pair_factory):
+    sft, aligned = pair_factory("mid")  # ~19 MB: with 5 MiB parts, files of several parts
     return str(sft), str(aligned)
 
 

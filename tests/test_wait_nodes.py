@@ -20,7 +20,6 @@ from expo_dist.errors import ExpoError
 from expo_dist.runtime import session
 from expo_dist.spec import MergeSpec, build_spec
 from expo_dist.testing.reference import assert_exact
-from expo_dist.testing.synth import make_pair
 
 ALPHA = 0.3
 
@@ -90,9 +89,8 @@ def one_node_cluster():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), hidden_size=128, intermediate_size=256, num_layers=2,
-                     num_heads=4, num_kv_heads=2, vocab_size=512, seed=3)
+def pair(pair_factory):
+    return pair_factory(hidden_size=128, intermediate_size=256, vocab_size=512, seed=3)
 
 
 def merge_cmd(pair, out, address, *extra):

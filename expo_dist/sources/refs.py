@@ -21,9 +21,11 @@ The Hub calls themselves live in hub.py; the worker side in fetch.py.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 
 from ..errors import ExpoError
@@ -282,6 +284,7 @@ def _resolve_s3(text: str, url: str) -> Resolved:
     if not listing:
         raise ExpoError(f"{url}: no objects under this prefix (is this a model's prefix?)")
     root = _empty_dir()
+    atexit.register(shutil.rmtree, root, True)  # (a temp copy of the side files, for this process only)
     for name, size in sorted(listing.items()):
         if is_side_file(name) and size <= SIDE_MAX_BYTES and plain_name(name):
             with open(os.path.join(root, name), "wb") as f:
