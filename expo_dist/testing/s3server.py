@@ -107,7 +107,7 @@ def weed_server(workdir: str):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
         try:
-            proc.wait(20)
+            proc.wait(3)  # (SeaweedFS may ignore SIGTERM: then it is killed)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
