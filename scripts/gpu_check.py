@@ -9,7 +9,7 @@
    byte with the CPU kernel) on CUDA, and on the CPU with the torch ops, and prints what it checked.
 1. kernel: times expo_dist.runtime.kernel.Kernel(dev).extrapolate on large bf16 tensors (after warm-up; on CUDA with
    torch.cuda.synchronize) and reports elements/s and GB/s (a, s read + out written: 6 bytes per element);
-   the CPU paths (the C extension if built, and the torch ops: EXPO_KERNEL=torch) run on one thread, as in
+   the CPU paths (the C extension if built, and the torch ops: Kernel(use_c=False)) run on one thread, as in
    the merge workers; on CUDA the output is compared byte for byte with every CPU path's on a slice.
 2. merge: generates a pair and runs `expo-dist merge` twice in subprocesses: with --device cuda (Ray sees the
    GPUs, so the workers are GPU actors, each of which self-checks first) and with --device cpu (CPU actors,
@@ -69,11 +69,7 @@ def time_kernel(device: str, n: int, reps: int, tile: int | None = None, threads
 
     from expo_dist.runtime.kernel import Kernel
 
-    old_env = os.environ.get("EXPO_KERNEL")
-    if impl == "torch":
-        os.environ["EXPO_KERNEL"] = "torch"  # expo_dist.runtime.ckernel reads it on each call
-    elif impl == "C":
-        os.environ.pop("EXPO_KERNEL", None)
+    use_c = impl != "torch"  # (Kernel takes the choice; no environment variable)
     if threads is not None:
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -86,7 +82,7 @@ def time_kernel(device: str, n: int, reps: int, tile: int | None = None, threads
             _DATA[(device, n)] = (a.to(device), s.to(device))
         a, s = _DATA[(device, n)]
         out = torch.empty(n, dtype=torch.bfloat16, device=device)
-        k = Kernel(device) if tile is None else Kernel(device, tile=tile)
+        k = Kernel(device, use_c=use_c) if tile is None else Kernel(device, tile=tile, use_c=use_c)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         k.extrapolate(a, s, 0.3, out)  # warm-up: allocator, kernels, caches
         sync()
@@ -104,10 +100,6 @@ def time_kernel(device: str, n: int, reps: int, tile: int | None = None, threads
     finally:
         if threads is not None:
             torch.set_num_threads(old)
-        if old_env is None:
-            os.environ.pop("EXPO_KERNEL", None)
-        else:
-            os.environ["EXPO_KERNEL"] = old_env
 
 
 def kernel_part(args, cuda: bool) -> tuple[list[dict], list[str]]:
@@ -132,17 +124,9 @@ def kernel_part(args, cuda: bool) -> tuple[list[dict], list[str]]:
         a, s = first["a"][:ref_n].cpu(), first["s"][:ref_n].cpu()
         wants = {}
         for impl in cpu_impls():
-            old_env = os.environ.get("EXPO_KERNEL")
-            os.environ["EXPO_KERNEL"] = "torch" if impl == "torch" else ""
-            try:
-                want = torch.empty(ref_n, dtype=torch.bfloat16)
-                Kernel("cpu").extrapolate(a, s, 0.3, want)
-                wants[impl] = want.view(torch.int16)
-            finally:
-                if old_env is None:
-                    os.environ.pop("EXPO_KERNEL", None)
-                else:
-                    os.environ["EXPO_KERNEL"] = old_env
+            want = torch.empty(ref_n, dtype=torch.bfloat16)
+            Kernel("cpu", use_c=impl != "torch").extrapolate(a, s, 0.3, want)
+            wants[impl] = want.view(torch.int16)
         for r in rows[n_cpu:]:
             got = r["out"][:ref_n].cpu().view(torch.int16)
             r["same_as_cpu"] = all(torch.equal(got, w) for w in wants.values())
