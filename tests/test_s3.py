@@ -167,21 +167,19 @@ def cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.Complete
                           timeout=timeout)
 
 
-def test_driver_killed_then_rerun_resumes(srv, pair, baseline, tmp_path):
-    """SIGKILL the driver mid-merge; the rerun keeps the parts already uploaded and journaled, ends byte-identical,
-    and no upload is left open."""
-    b = bucket(srv)
+def start_and_kill(srv, pair, b: str, prefix: str) -> tuple[list[str], dict]:
+    """Start a merge to s3://b/prefix in a subprocess and SIGKILL it once a journal batch is under the prefix;
+    (its arguments, its environment without the test hooks)."""
     c = srv.client()
     env = {**os.environ, **srv.env(), **faulthooks.env(delay=0.5)}
     env.pop("RAY_ADDRESS", None)
-    out = f"s3://{b}/resume"
-    args = ["merge", "--sft", pair[0], "--aligned", pair[1], "--alpha", "0.3", "--out", out,
+    args = ["merge", "--sft", pair[0], "--aligned", pair[1], "--alpha", "0.3", "--out", f"s3://{b}/{prefix}",
             "--max-shard-size", str(SHARD), "--max-task-bytes", "5MiB", "--workers", "2", "-q"]
     p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until a journal batch is under the prefix
-        if c.list_objects_v2(Bucket=b, Prefix="resume/.expo/journal/").get("KeyCount", 0):
+        if c.list_objects_v2(Bucket=b, Prefix=f"{prefix}/.expo/journal/").get("KeyCount", 0):
             break
         time.sleep(0.2)
     else:
@@ -190,14 +188,49 @@ def test_driver_killed_then_rerun_resumes(srv, pair, baseline, tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert uploads(c, b)  # left open for the rerun
-    env2 = {k: v for k, v in env.items() if k not in faulthooks.env(delay=0)}
-    r = cli([*args[:-1], "--json", "-q"], env2)
+    return args, {k: v for k, v in env.items() if k not in faulthooks.env(delay=0)}
+
+
+def test_driver_killed_then_rerun_resumes(srv, pair, baseline, tmp_path):
+    """SIGKILL the driver mid-merge; the rerun keeps the parts already uploaded and journaled, ends byte-identical,
+    and no upload is left open."""
+    b = bucket(srv)
+    c = srv.client()
+    args, env = start_and_kill(srv, pair, b, "resume")
+    r = cli([*args[:-1], "--json", "-q"], env)
     assert r.returncode == 0, r.stderr
     man = json.loads(r.stdout)
     assert man["tasks_resumed"] > 0
     assert uploads(c, b) == []
     download_prefix(c, b, "resume", str(tmp_path / "dl"))
     assert_same_output(str(tmp_path / "dl"), baseline[0])
+
+
+def test_other_merge_refused_then_overwrite_aborts_it(srv, pair, baseline, tmp_path):
+    """A prefix holding another (unfinished) merge is refused without --overwrite, untouched; with it, that merge's
+    multipart uploads are aborted (and said), and the new merge is exact."""
+    b = bucket(srv)
+    c = srv.client()
+    args, env = start_and_kill(srv, pair, b, "other")
+    def keys():  # (the killed driver's lock aside: the refused run takes it over, a dead pid's, and frees it)
+        return sorted(o["Key"] for o in c.list_objects_v2(Bucket=b)["Contents"] if o["Key"] != "other/.expo/lock")
+
+    before = keys()
+    open_before = sorted(u["UploadId"] for u in uploads(c, b))
+    other = [a if a != "0.3" else "0.5" for a in args]
+    r = cli(other, env)
+    assert r.returncode == 2 and "holds an unfinished merge of different inputs or settings" in r.stderr, r.stderr
+    assert keys() == before
+    assert sorted(u["UploadId"] for u in uploads(c, b)) == open_before
+    r = cli([*other, "--overwrite"], env)
+    assert r.returncode == 0, r.stderr
+    assert f"aborted {len(open_before)} multipart uploads" in r.stderr, r.stderr
+    assert uploads(c, b) == []
+    download_prefix(c, b, "other", str(tmp_path / "dl"))
+    want = os.path.join(baseline[1], "alpha-0.5")  # the sweep's alpha 0.5: the same weights
+    for name in os.listdir(want):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            assert (tmp_path / "dl" / name).read_bytes() == open(os.path.join(want, name), "rb").read(), name
 
 
 BAD = [
