@@ -96,3 +96,19 @@ def test_view_body_reads_seeks_and_rereads():
     body.seek(0)
     assert body.read() == data  # (botocore seeks back to retry a part)
     assert body.seek(0, 2) == len(data) and body.tell() == len(data)
+
+
+def test_which_s3_failures_a_rerun_resumes():
+    """Expired credentials and an unreachable store leave a merge's uploads for the rerun (s3writer.fail keeps
+    them); a refusal such as access denied does not."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code):
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "UploadPart")
+
+    expired = s3.s3_error(client_error("ExpiredToken"), "s3://bucket/x", "uploading")
+    assert expired.resumable and "expired" in str(expired)
+    down = s3.s3_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), "s3://bucket/x")
+    assert down.resumable and "cannot reach" in str(down)
+    denied = s3.s3_error(client_error("AccessDenied"), "s3://bucket/x", "writing")
+    assert not denied.resumable and "access denied" in str(denied)

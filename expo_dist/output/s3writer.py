@@ -263,11 +263,11 @@ class S3Writer:
 
     def fail(self, err: BaseException) -> None:
         """A merge that failed: abort its uploads and remove its records, and say so. One interrupted (SIGTERM,
-        Ctrl-C) keeps them for the rerun to resume."""
+        Ctrl-C), or stopped by expired credentials or an unreachable store, keeps them for the rerun to resume."""
         if self.lock is None or self.finished:
             return
         open_uploads = sum(len(u) for u in self.uploads)
-        if isinstance(err, KeyboardInterrupt):
+        if isinstance(err, KeyboardInterrupt) or getattr(err, "resumable", False):
             if open_uploads:
                 log.warning("left %d multipart uploads open under %s: rerun the same command to resume (or with "
                             "--overwrite to discard them)", open_uploads, self.out)

@@ -199,8 +199,10 @@ class Scheduler:
                 continue
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
-                if isinstance(cause, ExpoError):
-                    raise cause.__class__(str(cause)) from None
+                if isinstance(cause, ExpoError):  # one line, without Ray's wrapping (and whether a rerun resumes)
+                    err = cause.__class__(str(cause))
+                    err.resumable = getattr(cause, "resumable", False)
+                    raise err from None
                 what = call.task.id if isinstance(call, TaskCall) else call.file
                 raise MergeFailed(f"task {what} failed: {str(e).splitlines()[-1]}") from None
             if isinstance(call, TaskCall):

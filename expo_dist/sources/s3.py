@@ -122,6 +122,16 @@ def s3_error(e: BaseException, url: str, doing: str = "", cls: type[ExpoError] =
     """The one line a user sees for an S3 failure on url (doing: 'reading', 'writing', ...)."""
     from botocore import exceptions as bx
 
+    err = _s3_error(e, url, doing, cls)
+    # the store cannot be reached or the credentials expired: a rerun resumes (nothing could be aborted anyway)
+    err.resumable = isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError,
+                                   bx.ReadTimeoutError)) or error_code(e) in _EXPIRED
+    return err
+
+
+def _s3_error(e: BaseException, url: str, doing: str, cls: type[ExpoError]) -> ExpoError:
+    from botocore import exceptions as bx
+
     what = f"{url}: {doing + ': ' if doing else ''}"
     if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return cls(f"{what}no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
