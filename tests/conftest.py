@@ -56,3 +56,12 @@ def local_ray():
 
     with embedded_ray(num_cpus=4) as ray:
         yield ray
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    """A real S3 server (SeaweedFS on 127.0.0.1, tests/s3server.py), one per test module that asks for it."""
+    from s3server import weed_server
+
+    with weed_server(str(tmp_path_factory.mktemp("weed"))) as server:
+        yield server

@@ -13,13 +13,11 @@ per-task delay (so there is a "mid-merge" to hit) and task ids whose worker exit
 import json
 import os
 import signal
-import threading
-import time
 
 import faulthooks
-import psutil
 import pytest
 from clusters import three_node_cluster
+from faultwait import finish, in_thread, merge_workers, wait_for
 
 from expo_dist.cli import main
 from expo_dist.merge import run
@@ -81,49 +79,6 @@ def journal_lines(out):
             return sum(1 for _ in f)
     except FileNotFoundError:
         return 0
-
-
-def in_thread(fn):
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    box["thread"] = t
-    return box
-
-
-def finish(box, timeout=180):
-    box["thread"].join(timeout)
-    assert not box["thread"].is_alive(), "the merge did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def wait_for(cond, timeout=60, what="condition"):
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def merge_workers(root_pid=None, busy=False):
-    """MergeWorker processes under root_pid (default: this test process, whose children are the nodes)."""
-    procs = []
-    for p in psutil.Process(root_pid or os.getpid()).children(recursive=True):
-        try:
-            title = (p.cmdline() or [""])[0]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if title == "ray::MergeWorker.run" or (not busy and title.startswith("ray::MergeWorker")):
-            procs.append(p)
-    return procs
 
 
 def test_worker_killed_mid_task(cluster, pair, baseline, faults, tmp_path):

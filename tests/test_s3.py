@@ -4,18 +4,16 @@ resume after the driver is killed, abort after a failure, --overwrite that remov
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import zlib
 
 import faulthooks
 import pytest
-from s3server import download_prefix, uploads, weed_server
+from s3server import assert_same_output, bucket, download_prefix, uploads
 
 from expo_dist.errors import ExpoError
 from expo_dist.merge import run
@@ -26,13 +24,6 @@ from expo_dist.testing.reference import assert_exact
 pytestmark = pytest.mark.slow
 MIB = 1 << 20
 SHARD = 8_000_000  # output shards of ~8 MB: with 5 MiB parts, files of one and of two parts
-_names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with weed_server(str(tmp_path_factory.mktemp("weed"))) as server:
-        yield server
 
 
 @pytest.fixture
@@ -44,12 +35,6 @@ def s3env(srv, monkeypatch):
     s3._CLIENTS.clear()
     yield srv
     s3._CLIENTS.clear()
-
-
-def bucket(srv) -> str:
-    name = f"expo-{os.getpid()}-{next(_names)}"
-    srv.client().create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture(scope="module")
@@ -67,36 +52,6 @@ def baseline(pair, local_ray, tmp_path_factory):
     sweep = str(d / "sweep")
     run(MergeSpec(sft=pair[0], aligned=pair[1], alpha=[0.1, 0.5], out=sweep, max_shard_size=SHARD), progress=False)
     return one, sweep
-
-
-def files_of(folder: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(folder):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, folder)] = open(p, "rb").read()
-    return out
-
-
-def assert_same_output(got_dir: str, want_dir: str, same_inputs: bool = True) -> dict:
-    """Every file byte-identical but the manifest (timings, workers) and, for inputs named differently, the card
-    (which names them); the manifests agree on every file's bytes."""
-    got, want = files_of(got_dir), files_of(want_dir)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        if not name.endswith("expo_manifest.json") and (same_inputs or not name.endswith("README.md")):
-            assert got[name] == want[name], name
-    mans = {}
-    for name in want:
-        if name.endswith("expo_manifest.json"):
-            g, w = json.loads(got[name]), json.loads(want[name])
-            assert g["written"] == w["written"] and g["tensors"] == w["tensors"]
-            for f, rec in g["files"].items():
-                data = got[os.path.join(os.path.dirname(name), f)]
-                assert rec["size"] == len(data) == w["files"][f]["size"]
-                assert rec["crc32"] == f"{zlib.crc32(data):08x}"
-            mans[name] = g
-    return mans
 
 
 def test_merge_to_s3_is_byte_identical_and_loads(s3env, pair, baseline, local_ray, tmp_path):

@@ -20,7 +20,6 @@ import signal
 import socket
 import threading
 import time
-import zlib
 from collections import Counter
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -28,7 +27,8 @@ import faulthooks
 import psutil
 import pytest
 from clusters import ray_cluster
-from s3server import download_prefix, uploads, weed_server
+from faultwait import finish, in_thread, merge_workers, wait_for
+from s3server import assert_same_output, bucket, download_prefix, uploads
 
 from expo_dist.merge import run
 from expo_dist.sources import s3
@@ -171,12 +171,6 @@ def upload_part(method: str, path: str, bucket: str) -> tuple[str, int] | None:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with weed_server(str(tmp_path_factory.mktemp("weed"))) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def proxy(srv):
     p = Proxy(srv.endpoint)
     yield p
@@ -250,43 +244,6 @@ def baseline(cluster, pair, faults, tmp_path_factory):
     return one, sweep
 
 
-def new_bucket(srv) -> str:
-    name = f"expocl-{os.getpid()}-{next(_names)}"
-    srv.client().create_bucket(Bucket=name)
-    return name
-
-
-def files_of(folder: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(folder):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, folder)] = f.read()
-    return out
-
-
-def assert_same_output(got_dir: str, want_dir: str, same_inputs: bool = True) -> dict:
-    """Every file byte-identical but the manifest (timings, workers) and, for inputs named differently, the card;
-    the manifests agree on every file's bytes (as tests/test_s3.py)."""
-    got, want = files_of(got_dir), files_of(want_dir)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        if not name.endswith("expo_manifest.json") and (same_inputs or not name.endswith("README.md")):
-            assert got[name] == want[name], name
-    mans = {}
-    for name in want:
-        if name.endswith("expo_manifest.json"):
-            g, w = json.loads(got[name]), json.loads(want[name])
-            assert g["written"] == w["written"] and g["tensors"] == w["tensors"]
-            for f, rec in g["files"].items():
-                data = got[os.path.join(os.path.dirname(name), f)]
-                assert rec["size"] == len(data) == w["files"][f]["size"]
-                assert rec["crc32"] == f"{zlib.crc32(data):08x}"
-            mans[name] = g
-    return mans
-
-
 def local_tree(roots: list[str]) -> set[str]:
     """Every path under these folders (what a merge may have left on local disk)."""
     out = set()
@@ -323,7 +280,7 @@ def assert_parts_by_workers(proxy: Proxy, bucket: str, man: dict, outputs: int) 
 def test_three_nodes_to_s3_byte_identical(srv, proxy, cluster, pair, baseline, scratch, worker_cwds, faults,
                                           alpha, tmp_path):
     faults()
-    b = new_bucket(srv)
+    b = bucket(srv, "expocl")
     c = srv.client()
     roots = [*scratch]
     before = local_tree(roots)
@@ -349,7 +306,7 @@ def test_three_nodes_s3_inputs_to_s3_sweep(srv, proxy, cluster, pair, baseline, 
                                            tmp_path):
     """Inputs read with ranged GETs, a sweep written: no local disk on any node."""
     faults()
-    b = new_bucket(srv)
+    b = bucket(srv, "expocl")
     c = srv.client()
     for who, folder in (("sft", pair[0]), ("aligned", pair[1])):
         for n in os.listdir(folder):
@@ -370,55 +327,11 @@ def test_three_nodes_s3_inputs_to_s3_sweep(srv, proxy, cluster, pair, baseline, 
     assert f"s3://{b}/in/aligned" in (tmp_path / "dl" / "alpha-0.1" / "README.md").read_text()
 
 
-def in_thread(fn):
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    box["thread"] = t
-    return box
-
-
-def finish(box, timeout=240):
-    box["thread"].join(timeout)
-    assert not box["thread"].is_alive(), "the merge did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def wait_for(cond, timeout=120, what="condition"):
-    t0 = time.monotonic()
-    while not (got := cond()):
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return got
-
-
-def merge_workers(root_pid=None, busy=False):
-    """MergeWorker processes under root_pid (default: this test process, whose children are the nodes)."""
-    procs = []
-    for p in psutil.Process(root_pid or os.getpid()).children(recursive=True):
-        try:
-            title = (p.cmdline() or [""])[0]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if title == "ray::MergeWorker.run" or (not busy and title.startswith("ray::MergeWorker")):
-            procs.append(p)
-    return procs
-
-
 def test_worker_killed_mid_upload(srv, proxy, cluster, pair, baseline, faults, tmp_path):
     """Uploads slowed to 2 MiB/s; a worker is SIGKILLed while a part's bytes are on the wire (the server gets a
     truncated body). Its task is uploaded again elsewhere; the output is byte-identical, no upload left open."""
     faults()
-    b = new_bucket(srv)
+    b = bucket(srv, "expocl")
     c = srv.client()
     proxy.rate = 2 * MIB
     try:
@@ -460,7 +373,7 @@ def test_node_removed_mid_merge(srv, proxy, cluster, pair, baseline, faults, scr
     from ray._private import ray_constants
 
     faults(delay=0.6)
-    b = new_bucket(srv)
+    b = bucket(srv, "expocl")
     c = srv.client()
     box = in_thread(lambda: run(MergeSpec(sft=pair[0], aligned=pair[1], alpha=ALPHA, out=f"s3://{b}/n",
                                           max_shard_size=SHARD, max_task_bytes=TASK), progress=False))

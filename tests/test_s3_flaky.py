@@ -11,7 +11,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from s3server import download_prefix, uploads, weed_server
+from s3server import download_prefix, uploads
 
 from expo_dist.merge import run
 from expo_dist.sources import s3
@@ -85,12 +85,6 @@ class FlakyProxy:
 
     def close(self):
         self.server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with weed_server(str(tmp_path_factory.mktemp("weed"))) as server:
-        yield server
 
 
 def test_merge_through_503s_is_exact(srv, pair_factory, local_ray, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import sys
 import zlib
 
 import pytest
-from s3server import download_prefix, weed_server
+from s3server import bucket, download_prefix
 
 from expo_dist.cli import main
 from expo_dist.errors import ExpoError
@@ -25,13 +25,8 @@ from expo_dist.verify import verify
 pytestmark = pytest.mark.slow
 SHARD = 8_000_000  # three output files
 ALPHA = 0.3
+
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with weed_server(str(tmp_path_factory.mktemp("weed"))) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +38,6 @@ def s3env(srv):
         s3._CLIENTS.clear()
         yield srv
     s3._CLIENTS.clear()
-
-
-def bucket(srv) -> str:
-    name = f"expov-{os.getpid()}-{next(_names)}"
-    srv.client().create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture(scope="module")
