@@ -75,6 +75,13 @@ def _input_identity(f: str) -> list:
     return [f, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
+def input_pins(plan: Plan) -> dict[str, str]:
+    """Each s3:// input -> its ETag now, which every worker read asks for (If-Match): an object rewritten during the
+    merge fails the read with one line instead of mixing two versions' bytes."""
+    files = {f for t in plan.tasks for s in t.segments for f in (s.a_file, s.s_file) if is_s3(f)}
+    return {f: s3.identity(f)[1] for f in sorted(files)}
+
+
 def prepare_output(spec: MergeSpec, plan: Plan, aligned_root: str) -> OutputWriter:
     """The output (a folder, or an s3:// prefix), ready to be written: locked, then resumed, refused, or
     (--overwrite) cleared of what an earlier run wrote there."""
@@ -128,7 +135,8 @@ def _run(spec: MergeSpec, settings: Settings, plan: Plan, writer: OutputWriter, 
     try:
         check_terminated()
         sched = Scheduler(plan, writer.targets, spec.workers, spec.max_attempts, skip=done, on_done=writer.record,
-                          cache_dir=spec.cache_dir, settings=settings, device=spec.device)
+                          cache_dir=spec.cache_dir, settings=settings, device=spec.device,
+                          worker_args={"pins": input_pins(plan)})
         left = sum(t.nbytes for t in plan.tasks if t.id not in done) * len(outs)
         stats = sched.run(Progress(left, per_task=len(outs)) if progress else None)
     finally:

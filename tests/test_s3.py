@@ -188,6 +188,38 @@ def test_other_merge_refused_then_overwrite_aborts_it(srv, pair, baseline, tmp_p
             assert (tmp_path / "dl" / name).read_bytes() == open(os.path.join(want, name), "rb").read(), name
 
 
+def test_input_rewritten_mid_merge_fails_with_one_line(srv, pair, tmp_path):
+    """Every ranged GET of an s3:// input asks for the object the plan was made from (If-Match its ETag): an input
+    rewritten during the merge stops it with one line naming it, instead of mixing two versions' bytes."""
+    b = bucket(srv)
+    c = srv.client()
+    for who, folder in (("sft", pair[0]), ("aligned", pair[1])):
+        for n in os.listdir(folder):
+            c.upload_file(os.path.join(folder, n), b, f"in/{who}/{n}")
+    weights = sorted(n for n in os.listdir(pair[1]) if n.endswith(".safetensors"))
+    env = {**os.environ, **srv.env(), **faulthooks.env(delay=1.0)}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "expo_dist.cli", "merge", "--sft", f"s3://{b}/in/sft", "--aligned",
+                          f"s3://{b}/in/aligned", "--alpha", "0.3", "--out", str(out), "--max-task-bytes", "1MiB",
+                          "--workers", "1", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out / ".expo" / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and journal.read_text().strip()):
+        assert time.monotonic() < deadline and p.poll() is None, "the merge did not start"
+        time.sleep(0.1)
+    for n in weights:  # same size, other bytes: every remaining read must notice
+        data = bytearray(open(os.path.join(pair[1], n), "rb").read())
+        data[-1] ^= 0xFF
+        c.put_object(Bucket=b, Key=f"in/aligned/{n}", Body=bytes(data))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("expo-dist: error:")]
+    assert len(lines) == 1 and "the object changed during the merge" in lines[0], err
+    assert f"s3://{b}/in/aligned/" in lines[0]
+    assert not (out / "expo_manifest.json").exists()
+
+
 BAD = [
     ("no credentials", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no S3 credentials"),
     ("wrong secret", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "403 Forbidden"),

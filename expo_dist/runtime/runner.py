@@ -52,8 +52,10 @@ class Runner:
 
     def __init__(self, out_dirs: str | list[str], device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
                  max_fds: int = 64, cache_dir: str | None = None, direct_min: int = DIRECT_MIN,
-                 settings: Settings | None = None, kernel=None):
-        """settings: io, slots, writeback, kernel, hub_attempts (settings.Settings; the defaults when None)."""
+                 settings: Settings | None = None, kernel=None, pins: dict[str, str] | None = None):
+        """settings: io, slots, writeback, kernel, hub_attempts (settings.Settings; the defaults when None).
+        pins: s3:// input -> the ETag it was planned from (every ranged GET asks for that object: If-Match)."""
+        self.pins = dict(pins or {})
         self.settings = settings = settings if settings is not None else Settings()
         self.cache_dir = cache_dir  # this node's Hugging Face cache, for hf:// inputs
         self.out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
@@ -190,7 +192,7 @@ class Runner:
         for r in joined_runs(win.runs):
             view = views[r.which]
             if is_s3(r.path):  # one ranged GET straight into the slot
-                s3.read_into(r.path, view[r.at: r.at + r.n], r.off, MergeFailed)
+                s3.read_into(r.path, view[r.at: r.at + r.n], r.off, MergeFailed, self.pins.get(r.path))
                 self._count("s3_read", r.n)
                 continue
             if self._direct(r.path, r.n):

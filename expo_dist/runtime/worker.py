@@ -95,7 +95,8 @@ class MergeWorker:
     settings: the merge's settings.Settings, made once on the driver (this process reads no EXPO_* variable)."""
 
     def __init__(self, out_dirs: list[str], device: str, cache_dir: str | None = None,
-                 settings: Settings | None = None, self_check: bool | None = None, kernel=None):
+                 settings: Settings | None = None, self_check: bool | None = None, kernel=None,
+                 pins: dict[str, str] | None = None):
         from .runner import Runner
 
         settings = settings if settings is not None else Settings()
@@ -116,7 +117,7 @@ class MergeWorker:
 
                 self.device = device = f"cuda:{torch.cuda.current_device()}"
             step = "allocating its buffers"
-            self.runner = Runner(out_dirs, device, cache_dir=cache_dir, settings=settings,
+            self.runner = Runner(out_dirs, device, cache_dir=cache_dir, settings=settings, pins=pins,
                                  kernel=kernel(device) if kernel is not None else None)
             if check and self.runner.kernel is not None:  # (the C kernel is the reference itself)
                 from . import selfcheck

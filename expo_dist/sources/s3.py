@@ -230,15 +230,17 @@ def get_bytes(url: str, limit: int = 100_000_000) -> bytes:
         raise s3_error(e, url, "reading") from None
 
 
-def read_into(url: str, view: memoryview, offset: int, cls: type[ExpoError] = ExpoError) -> None:
+def read_into(url: str, view: memoryview, offset: int, cls: type[ExpoError] = ExpoError,
+              etag: str | None = None) -> None:
     """Exactly len(view) bytes at offset, one ranged GET straight into view (an object that ends first, or an
-    object that changed under us, is one line naming it)."""
+    object that changed under us, is one line naming it). etag: the object must still be that one (If-Match)."""
     n = len(view)
     if n == 0:
         return
     bucket, key = split(url)
     try:
-        body = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")["Body"]
+        pin = {"IfMatch": f'"{etag}"'} if etag else {}
+        body = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}", **pin)["Body"]
         done = 0
         while done < n:
             got = body.readinto(view[done:])
@@ -247,6 +249,9 @@ def read_into(url: str, view: memoryview, offset: int, cls: type[ExpoError] = Ex
             done += got
         body.close()
     except s3_exceptions() as e:
+        if error_code(e) in ("PreconditionFailed", "412"):
+            raise cls(f"{url}: the object changed during the merge (its ETag is not the one planned from); rerun "
+                      "the same command (it plans from the new object)") from None
         if error_code(e) == "InvalidRange":
             raise cls(f"{url}: unexpected end of object at byte {offset} (object changed or truncated?)") from None
         raise s3_error(e, url, "reading", cls) from None
